@@ -1,0 +1,152 @@
+"""Checkpoints: safetensors weights plus a JSON sidecar that says how to rebuild the model.
+
+``name.safetensors`` holds tensors only, so loading one can never execute code (unlike
+``torch.load`` of a pickle). ``name.json`` holds the architecture, class count, input shape,
+normalisation, the training recipe and whatever metrics the writer adds. Both files are
+written to temporary names and renamed into place, the sidecar last: a checkpoint whose sidecar
+exists is complete, and an interrupted write leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from unleash_ood.errors import UserError
+from unleash_ood.models import Classifier, create_model
+
+FORMAT = "unleash-ood/1"
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, sidecar) for ``x``, ``x.safetensors`` or ``x.json``."""
+    p = Path(path)
+    stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def model_spec(
+    model: Classifier,
+    architecture: str,
+    input_size: int,
+    model_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """What a sidecar needs to rebuild ``model`` without the code that trained it."""
+    return {
+        "architecture": architecture,
+        "model_kwargs": model_kwargs or {},
+        "num_classes": model.num_classes,
+        "in_channels": int(model.input_mean.shape[1]),
+        "input_size": input_size,
+        "mean": model.input_mean.flatten().tolist(),
+        "std": model.input_std.flatten().tolist(),
+    }
+
+
+def save_checkpoint(
+    path: str | os.PathLike, model: Classifier, spec: dict[str, Any], **extra: Any
+) -> Path:
+    """Write weights and sidecar atomically; ``extra`` (recipe, epoch, metrics) goes in the JSON."""
+    weights, sidecar = checkpoint_paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tmp = weights.with_name(f".{weights.name}.tmp{os.getpid()}")
+    save_file(state, str(tmp), metadata={"format": FORMAT})
+    os.replace(tmp, weights)
+    atomic_write_json(sidecar, {"format": FORMAT, **spec, **extra})
+    return weights
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    weights, sidecar = checkpoint_paths(path)
+    if not sidecar.exists() or not weights.exists():
+        raise UserError(
+            f"no checkpoint at {path}: expected {weights.name} and {sidecar.name} "
+            f"in {weights.parent}"
+        )
+    try:
+        meta = json.loads(sidecar.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{sidecar} is not valid JSON ({e}); the checkpoint is damaged") from e
+    if meta.get("format") != FORMAT:
+        raise UserError(
+            f"{sidecar} is not an unleash-ood checkpoint sidecar "
+            f"(format {meta.get('format')!r}, expected {FORMAT!r})"
+        )
+    return meta
+
+
+def build_model(meta: dict[str, Any]) -> Classifier:
+    return create_model(
+        meta["architecture"],
+        num_classes=meta["num_classes"],
+        in_channels=meta["in_channels"],
+        mean=meta["mean"],
+        std=meta["std"],
+        **meta.get("model_kwargs", {}),
+    )
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    device: torch.device | str = "cpu",
+    num_classes: int | None = None,
+    input_shape: tuple[int, int, int] | None = None,
+) -> tuple[Classifier, dict[str, Any]]:
+    """Rebuild the model from its sidecar and load the weights (never unpickling anything).
+
+    ``num_classes`` / ``input_shape`` state what the caller's data needs, so a checkpoint of
+    another task is refused with a clear message instead of failing deep inside a forward pass.
+    """
+    meta = read_sidecar(path)
+    weights, _ = checkpoint_paths(path)
+    if num_classes is not None and meta["num_classes"] != num_classes:
+        raise UserError(
+            f"{weights.name} predicts {meta['num_classes']} classes but the data has "
+            f"{num_classes}; use a checkpoint trained on this benchmark"
+        )
+    have = (meta["in_channels"], meta["input_size"], meta["input_size"])
+    if input_shape is not None and tuple(input_shape) != have:
+        raise UserError(
+            f"{weights.name} takes {have[0]}x{have[1]}x{have[2]} input but the data is "
+            f"{'x'.join(map(str, input_shape))}; use a checkpoint for this benchmark"
+        )
+    model = build_model(meta)
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{weights} is not a readable safetensors file ({e})") from e
+    missing, unexpected = (
+        sorted(set(model.state_dict()) - set(state)),
+        sorted(set(state) - set(model.state_dict())),
+    )
+    if missing or unexpected:
+        raise UserError(
+            f"{weights.name} does not match architecture {meta['architecture']!r} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the sidecar and "
+            f"weights disagree"
+        )
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[-1].strip()
+        raise UserError(
+            f"{weights.name} does not fit architecture {meta['architecture']!r}: {first}"
+        ) from e
+    return model.to(device).eval(), meta

@@ -1,0 +1,199 @@
+"""The ``unleash`` command: thin sub-commands over the library's API."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from unleash_ood.errors import UserError
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--benchmark", default="fmnist", help="benchmark suite (see 'unleash datasets')")
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding datasets (also $UNLEASH_DATA; default: system locations)",
+    )
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=512, help="evaluation batch size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace) -> dict:
+    """The command line as a JSON-able dict, for the run directory's config.json."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def cmd_datasets(args: argparse.Namespace) -> None:
+    from unleash_ood.data import DATASETS, SUITES, availability, data_roots
+    from unleash_ood.report import markdown_table
+
+    where = availability(args.data_dir)
+    print(f"Looked in: {', '.join(str(r) for r in data_roots(args.data_dir))}\n")
+    print(
+        markdown_table(
+            ["dataset", "size", "available", "description"],
+            [[n, f"{d.size:,}", where[n] or "no", d.description] for n, d in DATASETS.items()],
+        )
+    )
+    print()
+    rows = []
+    for name, suite in SUITES.items():
+        missing = [d for d in suite.datasets if not where.get(d)]
+        rows.append(
+            [name, "yes" if not missing else f"missing {', '.join(missing)}", suite.description]
+        )
+    print(markdown_table(["suite", "available", "description"], rows))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from unleash_ood.checkpoint import load_checkpoint
+    from unleash_ood.data import load_benchmark
+    from unleash_ood.device import resolve_device
+    from unleash_ood.evaluate import evaluate
+    from unleash_ood.report import evaluation_markdown, write_evaluation
+    from unleash_ood.scores import parse_scorer_list
+
+    scorers = parse_scorer_list(args.scores)  # fail on a bad name before any heavy work
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    device = resolve_device(args.device)
+    bench = load_benchmark(args.benchmark, args.data_dir)
+    model, meta = load_checkpoint(args.checkpoint, device, bench.num_classes, bench.image_shape)
+    ev = evaluate(
+        model,
+        bench,
+        scorers,
+        splits=splits,
+        device=device,
+        batch_size=args.batch_size,
+        cache_dir=args.cache,
+        progress=not args.no_progress,
+    )
+    out = Path(args.out)
+    write_evaluation(
+        ev, out, config={**_config(args), "checkpoint_meta": meta, "sizes": bench.sizes()}
+    )
+    print(evaluation_markdown(ev, summary_only=True))
+    print(f"Full tables and histograms in {out}/")
+
+
+def _model_kwargs(pairs: list[str]) -> dict:
+    """``--model-arg width=64`` -> {"width": 64}; values are parsed as JSON where they can be."""
+    import json
+
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"--model-arg expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    from unleash_ood.data import load_benchmark
+    from unleash_ood.device import resolve_device
+    from unleash_ood.train import Recipe, pretrain
+
+    recipe = Recipe(
+        model=args.model,
+        model_kwargs=_model_kwargs(args.model_arg),
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=args.nesterov,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        augment=args.augment,
+        seed=args.seed,
+        save_every=args.save_every,
+    )
+    recipe.check()
+    device = resolve_device(args.device)
+    bench = load_benchmark(args.benchmark, args.data_dir)
+    history = pretrain(
+        bench, recipe, Path(args.out), device, resume=args.resume, progress=not args.no_progress
+    )
+    if history:
+        last = history[-1]
+        print(
+            f"trained {args.model} to epoch {last.epoch}: train loss {last.train_loss:.4f}, "
+            f"val acc {100 * last.val_acc:.2f}; checkpoints in {args.out}/checkpoints/"
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unleash", description="OOD detection for image classifiers (Unleashing Mask)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("datasets", help="list datasets and suites, and which are available here")
+    p.add_argument("--data-dir", default=None, help="folder holding datasets")
+    p.set_defaults(func=cmd_datasets)
+
+    p = sub.add_parser("evaluate", help="score a checkpoint on a benchmark with post-hoc scorers")
+    p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors + .json sidecar)")
+    p.add_argument("--scores", default="msp,energy", help="comma-separated scorer names, or 'all'")
+    p.add_argument("--splits", default="test", help="OOD splits to report: test, val or val,test")
+    p.add_argument("--out", required=True, help="run directory for tables and plots")
+    p.add_argument("--cache", default=None, help="folder to cache features/logits between runs")
+    _add_data_args(p)
+    _add_run_args(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("pretrain", help="train a classifier from scratch, checkpointing each epoch")
+    p.add_argument("--model", default="cnn", help="architecture (cnn, resnet18, wrn40_2, ...)")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="architecture option, e.g. width=64 (repeatable)",
+    )
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument(
+        "--schedule", default="cosine", help="cosine, step (/10 at 50%%, 75%%), constant"
+    )
+    p.add_argument("--augment", default="crop+flip", help="none, crop, crop+flip")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--save-every", type=int, default=1, help="checkpoint every k epochs")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_pretrain)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        print(f"unleash {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"unleash {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""One evaluator: run the model once per dataset, apply every scorer, tabulate the metrics.
+
+Non-gradient scorers all work from the same :class:`Outputs` (penultimate features and logits),
+so each dataset costs one forward pass however many of them are asked for. Only gradient
+scorers (ODIN) go back to the model, batch by batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from unleash_ood.data.base import Benchmark, ImageSet
+from unleash_ood.device import resolve_device
+from unleash_ood.errors import UserError
+from unleash_ood.metrics import METRIC_NAMES, accuracy, ood_metrics
+from unleash_ood.models import Classifier
+from unleash_ood.outputs import Outputs
+from unleash_ood.scores import Scorer, parse_scorer_list
+
+SPLITS = ("val", "test")
+
+
+@torch.inference_mode()
+def forward_outputs(
+    model: Classifier,
+    data: ImageSet,
+    device: torch.device | str = "cpu",
+    batch_size: int = 512,
+    progress: bool = False,
+) -> Outputs:
+    """Features and logits of ``data`` in eval mode, gathered on the CPU batch by batch."""
+    if len(data) == 0:
+        raise UserError(f"dataset {data.name!r} is empty; nothing to evaluate")
+    model.eval()
+    parts = []
+    total = -(-len(data) // batch_size)
+    for x, y in tqdm(
+        data.batches(batch_size), total=total, desc=data.name, leave=False, disable=not progress
+    ):
+        feats = model.features(x.to(device, non_blocking=True))
+        logits = model.head(feats)
+        parts.append(Outputs(feats.float().cpu(), logits.float().cpu(), y))
+    out = Outputs.concat(parts)
+    out.check_finite(data.name)
+    return out
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A digest of the weights, so cached outputs are never reused for another model."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class OutputCache:
+    """Outputs stored as safetensors under ``root/<model fingerprint>/<dataset>.safetensors``."""
+
+    def __init__(self, root: str | Path, model: torch.nn.Module):
+        self.dir = Path(root) / model_fingerprint(model)
+
+    def get(self, key: str) -> Outputs | None:
+        path = self.dir / f"{key}.safetensors"
+        if not path.exists():
+            return None
+        t = load_file(str(path))
+        return Outputs(t["features"], t["logits"], t["labels"])
+
+    def put(self, key: str, out: Outputs) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        path = self.dir / f"{key}.safetensors"
+        tmp = path.with_name(f".{path.name}.tmp")
+        save_file(
+            {
+                "features": out.features.contiguous(),
+                "logits": out.logits.contiguous(),
+                "labels": out.labels.contiguous(),
+            },
+            str(tmp),
+        )
+        tmp.replace(path)
+
+
+@dataclass
+class Evaluation:
+    """Every metric of every scorer on every OOD set, plus ID accuracy.
+
+    ``rows`` is a tidy list of dicts with keys split, scorer, dataset and each metric; the
+    pseudo-dataset ``mean`` averages the sets not excluded by the benchmark, and group names
+    (e.g. OpenOOD's ``near``/``far``) average their members. ``scores`` keeps the raw scores
+    per split, scorer and dataset (``id`` for the ID set) for plots.
+    """
+
+    benchmark: str
+    accuracy: dict[str, float]
+    rows: list[dict] = field(default_factory=list)
+    scores: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
+
+    def row(self, scorer: str, dataset: str = "mean", split: str = "test") -> dict:
+        for r in self.rows:
+            if (r["split"], r["scorer"], r["dataset"]) == (split, scorer, dataset):
+                return r
+        raise KeyError((split, scorer, dataset))
+
+    def scorers(self) -> list[str]:
+        return list(dict.fromkeys(r["scorer"] for r in self.rows))
+
+    def to_dict(self) -> dict:
+        return {"benchmark": self.benchmark, "accuracy": self.accuracy, "rows": self.rows}
+
+
+def _summary_rows(
+    per_set: dict[str, dict[str, float]], benchmark: Benchmark, split: str, scorer: str
+) -> list[dict]:
+    """Rows for the mean over headline sets and for each named group."""
+    groups = {"mean": [n for n in per_set if n not in benchmark.excluded_from_mean]}
+    if split == "test":
+        groups.update(
+            {g: [n for n in members if n in per_set] for g, members in benchmark.ood_groups.items()}
+        )
+    rows = []
+    for name, members in groups.items():
+        if members:
+            rows.append(
+                {
+                    "split": split,
+                    "scorer": scorer,
+                    "dataset": name,
+                    **{m: float(np.mean([per_set[s][m] for s in members])) for m in METRIC_NAMES},
+                }
+            )
+    return rows
+
+
+class Evaluator:
+    """Holds a model, a benchmark and scorers; computes each dataset's outputs once."""
+
+    def __init__(
+        self,
+        model: Classifier,
+        benchmark: Benchmark,
+        scorers: Sequence[Scorer] | str = "all",
+        device: str | torch.device = "auto",
+        batch_size: int = 512,
+        cache_dir: str | Path | None = None,
+        progress: bool = True,
+    ):
+        self.device = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.to(self.device).eval()
+        self.benchmark = benchmark
+        self.scorers = parse_scorer_list(scorers) if isinstance(scorers, str) else list(scorers)
+        self.batch_size = batch_size
+        self.cache = OutputCache(cache_dir, model) if cache_dir else None
+        self.progress = progress
+        self._outputs: dict[str, Outputs] = {}
+
+    def outputs(self, key: str, data: ImageSet) -> Outputs:
+        if key not in self._outputs:
+            out = self.cache.get(key) if self.cache else None
+            if out is None:
+                out = forward_outputs(self.model, data, self.device, self.batch_size, self.progress)
+                if self.cache:
+                    self.cache.put(key, out)
+            self._outputs[key] = out
+        return self._outputs[key]
+
+    def _scores(self, scorer: Scorer, key: str, data: ImageSet) -> np.ndarray:
+        if scorer.needs_model:
+            parts = [
+                scorer.score_batch(self.model, x.to(self.device))
+                for x, _ in tqdm(
+                    data.batches(self.batch_size),
+                    desc=f"{scorer.name} {key}",
+                    leave=False,
+                    disable=not self.progress,
+                )
+            ]
+            s = torch.cat(parts)
+        else:
+            s = scorer.score(self.outputs(key, data), self.model.head)
+        return s.double().cpu().numpy()
+
+    def _fit(self) -> None:
+        head = self.model.head
+        for scorer in self.scorers:
+            if scorer.requires_fit:
+                scorer.fit(self.outputs("id_train", self.benchmark.id_train), head)
+
+    def run(self, splits: Sequence[str] = ("test",)) -> Evaluation:
+        bad = [s for s in splits if s not in SPLITS]
+        if bad:
+            raise UserError(f"unknown split {bad[0]!r}; choose from {', '.join(SPLITS)}")
+        b = self.benchmark
+        self._fit()
+        id_sets = {"test": ("id_test", b.id_test), "val": ("id_val", b.id_val)}
+        ood_sets = {"test": b.ood_test, "val": b.ood_val}
+        acc = {
+            f"id_{split}": accuracy(self.outputs(*id_sets[split]).logits, id_sets[split][1].labels)
+            for split in splits
+        }
+        result = Evaluation(b.name, acc)
+        for split in splits:
+            if not ood_sets[split]:
+                continue
+            result.scores[split] = {}
+            for scorer in self.scorers:
+                scores = {"id": self._scores(scorer, *id_sets[split])}
+                scores.update(
+                    {
+                        name: self._scores(scorer, f"{split}-{name}", data)
+                        for name, data in ood_sets[split].items()
+                    }
+                )
+                per_set = {
+                    name: ood_metrics(scores["id"], scores[name]) for name in ood_sets[split]
+                }
+                result.scores[split][scorer.name] = scores
+                result.rows += [
+                    {"split": split, "scorer": scorer.name, "dataset": name, **m}
+                    for name, m in per_set.items()
+                ]
+                result.rows += _summary_rows(per_set, b, split, scorer.name)
+        return result
+
+
+def evaluate(
+    model: Classifier,
+    benchmark: Benchmark,
+    scorers: Sequence[Scorer] | str = "all",
+    splits: Sequence[str] = ("test",),
+    **kwargs,
+) -> Evaluation:
+    """Evaluate ``model`` on ``benchmark`` with ``scorers``; see :class:`Evaluator`."""
+    return Evaluator(model, benchmark, scorers, **kwargs).run(splits)

@@ -1,0 +1,168 @@
+"""Built-in architectures and a registry that builds any of them, or a torchvision model, by name.
+
+Names are stable strings (``cnn``, ``resnet18``, ``wrn40_2``, ``densenet100`` with alias
+``densenet_bc_100``, or ``torchvision:<name>`` for any torchvision classifier, split at its last
+``nn.Linear``), so a checkpoint can record its architecture as ``(name, num_classes,
+in_channels, kwargs)`` and be rebuilt with :func:`create_model` before its weights are loaded.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from unleash_ood.errors import UserError
+from unleash_ood.models.adapter import IMAGENET_MEAN, IMAGENET_STD, HeadSplit, linear_layer_names
+from unleash_ood.models.base import Classifier
+from unleash_ood.models.cnn import SmallCNN
+from unleash_ood.models.densenet import DenseNetBC
+from unleash_ood.models.resnet import ResNet18
+from unleash_ood.models.wrn import WideResNet
+
+__all__ = [
+    "MODELS",
+    "Classifier",
+    "DenseNetBC",
+    "HeadSplit",
+    "ModelSpec",
+    "ResNet18",
+    "SmallCNN",
+    "WideResNet",
+    "create_model",
+    "model_names",
+]
+
+TORCHVISION_PREFIX = "torchvision:"
+# Arguments every built-in takes from create_model itself, never through **kwargs.
+_COMMON = frozenset({"num_classes", "in_channels", "mean", "std"})
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered architecture: its class, a one-line description, and the constructor
+    arguments the name pins (``wrn40_2`` is WideResNet with depth 40 and widen factor 2)."""
+
+    build: Callable[..., Classifier]
+    description: str
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+
+    def options(self) -> list[str]:
+        """The keyword arguments :func:`create_model` may pass on for this architecture."""
+        params = inspect.signature(self.build).parameters
+        return [p for p in params if p not in _COMMON and p not in self.fixed]
+
+
+MODELS: dict[str, ModelSpec] = {
+    "cnn": ModelSpec(SmallCNN, "small VGG-style CNN for 28x28 images, 0.29M parameters"),
+    "resnet18": ModelSpec(
+        ResNet18, "ResNet-18 with a CIFAR stem, 11.2M parameters (width=16: 0.7M)"
+    ),
+    "wrn40_2": ModelSpec(
+        WideResNet,
+        "WRN-40-2 with dropout 0.3 (Outlier Exposure's CIFAR model), 2.2M parameters",
+        {"depth": 40, "widen_factor": 2},
+    ),
+    "densenet100": ModelSpec(
+        DenseNetBC,
+        "DenseNet-BC-100, growth 12 (the CIFAR model of ODIN, Energy, Unleashing Mask), 0.77M",
+        {"depth": 100},
+    ),
+}
+ALIASES = {"densenet_bc_100": "densenet100"}
+
+# These torchvision nets return auxiliary logits in training mode unless told not to; the
+# auxiliary heads only help train them from scratch on ImageNet and would break the split.
+# ``init_weights=True`` pins their current initialisation and silences a FutureWarning.
+_TORCHVISION_AUX = frozenset({"googlenet", "inception_v3"})
+
+
+def model_names() -> list[str]:
+    """Registered architecture names (aliases and ``torchvision:<name>`` also accepted)."""
+    return sorted(MODELS)
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    **kwargs: Any,
+) -> Classifier:
+    """Build an untrained architecture by name.
+
+    ``mean`` / ``std`` are the per-channel input statistics the model normalises with; they
+    default to 0.5 for built-ins and to ImageNet's for torchvision models. ``kwargs`` are
+    architecture options, e.g. ``width`` for ``resnet18`` or ``drop_rate`` for ``wrn40_2``.
+    """
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise UserError(f"num_classes must be a positive integer; got {num_classes!r}")
+    if name.startswith(TORCHVISION_PREFIX):
+        arch = name.removeprefix(TORCHVISION_PREFIX)
+        return _create_torchvision(arch, num_classes, in_channels, mean, std, kwargs)
+    spec = MODELS.get(ALIASES.get(name, name))
+    if spec is None:
+        raise UserError(
+            f"unknown model {name!r}; choose one of: {', '.join(model_names())}, "
+            f"or {TORCHVISION_PREFIX}<name> for a torchvision classifier"
+        )
+    unknown = sorted(set(kwargs) - set(spec.options()))
+    if unknown:
+        accepted = ", ".join(spec.options()) or "none"
+        raise UserError(
+            f"model {name!r} does not accept {', '.join(unknown)}; its options are: {accepted}"
+        )
+    mean = _channel_stats("mean", mean, in_channels, (0.5,) * in_channels)
+    std = _channel_stats("std", std, in_channels, (0.5,) * in_channels)
+    return spec.build(
+        num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, **spec.fixed, **kwargs
+    )
+
+
+def _channel_stats(
+    what: str, values: Sequence[float] | None, in_channels: int, default: Sequence[float]
+) -> tuple[float, ...]:
+    values = tuple(float(v) for v in (default if values is None else values))
+    if len(values) != in_channels:
+        raise UserError(
+            f"{what} has {len(values)} values but the model has {in_channels} "
+            "input channels; give one per channel"
+        )
+    return values
+
+
+def _create_torchvision(
+    arch: str,
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    kwargs: dict[str, Any],
+) -> HeadSplit:
+    """``torchvision.models.get_model(arch, weights=None, ...)`` split at its last Linear."""
+    import torchvision  # deferred: only this path needs it, and it is slow to import
+
+    available = torchvision.models.list_models(module=torchvision.models)
+    if arch not in available:
+        raise UserError(
+            f"unknown torchvision classifier {arch!r}; choose one of: {', '.join(available)}"
+        )
+    if in_channels != 3:
+        raise UserError(f"torchvision models take 3-channel input; got in_channels={in_channels}")
+    if arch in _TORCHVISION_AUX:
+        kwargs = {"aux_logits": False, "init_weights": True, **kwargs}
+    try:
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{TORCHVISION_PREFIX}{arch} rejected its arguments: {e}") from e
+    heads = linear_layer_names(model)
+    if not heads:
+        raise UserError(f"{TORCHVISION_PREFIX}{arch} has no nn.Linear head to split at")
+    return HeadSplit(
+        model,
+        head=heads[-1],
+        mean=_channel_stats("mean", mean, 3, IMAGENET_MEAN),
+        std=_channel_stats("std", std, 3, IMAGENET_STD),
+    )

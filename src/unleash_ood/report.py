@@ -1,0 +1,148 @@
+"""Tables (Markdown, CSV, JSON) and plots of evaluations. Reports show metrics x100."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
+from unleash_ood.evaluate import Evaluation
+from unleash_ood.metrics import METRIC_NAMES
+
+HEADERS = {
+    "auroc": "AUROC",
+    "fpr95_id": "FPR95 (ID+)",
+    "fpr95_ood": "FPR95 (OOD+)",
+    "aupr_in": "AUPR-In",
+    "aupr_out": "AUPR-Out",
+    "detection_error": "Det.Err",
+}
+LEGEND = (
+    "Metrics x100. FPR95 (ID+): OOD accepted at 95 % ID recall (the paper's). "
+    "FPR95 (OOD+): ID rejected at 95 % OOD recall (OpenOOD v1.5). "
+    "Threshold: accept as ID when score >= t, t over distinct scores."
+)
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
+    def cell(v) -> str:
+        return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _metric_rows(ev: Evaluation, split: str, datasets: Sequence[str] | None = None) -> list[list]:
+    return [
+        [r["scorer"], r["dataset"], *(100 * r[m] for m in METRIC_NAMES)]
+        for r in ev.rows
+        if r["split"] == split and (datasets is None or r["dataset"] in datasets)
+    ]
+
+
+def evaluation_markdown(ev: Evaluation, summary_only: bool = False) -> str:
+    """The whole evaluation as Markdown; ``summary_only`` keeps the mean and group rows."""
+    parts = [
+        f"# {ev.benchmark}",
+        "",
+        ", ".join(f"{k} accuracy {100 * v:.2f}" for k, v in ev.accuracy.items()),
+        "",
+    ]
+    splits = list(dict.fromkeys(r["split"] for r in ev.rows))
+    for split in splits:
+        names = (
+            [
+                n
+                for n in dict.fromkeys(r["dataset"] for r in ev.rows)
+                if n == "mean" or n in ("near", "far")
+            ]
+            if summary_only
+            else None
+        )
+        parts += [
+            f"## OOD {split}",
+            "",
+            markdown_table(
+                ["scorer", "OOD set", *(HEADERS[m] for m in METRIC_NAMES)],
+                _metric_rows(ev, split, names),
+            ),
+            "",
+        ]
+    parts.append(LEGEND)
+    return "\n".join(parts) + "\n"
+
+
+def evaluation_csv(ev: Evaluation) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["split", "scorer", "dataset", *METRIC_NAMES, *ev.accuracy])
+    acc = [f"{100 * v:.4f}" for v in ev.accuracy.values()]
+    for r in ev.rows:
+        w.writerow(
+            [
+                r["split"],
+                r["scorer"],
+                r["dataset"],
+                *(f"{100 * r[m]:.4f}" for m in METRIC_NAMES),
+                *acc,
+            ]
+        )
+    return buf.getvalue()
+
+
+def plot_histograms(ev: Evaluation, path: Path, split: str = "test") -> None:
+    """One row per scorer, one panel per OOD set: ID vs OOD score histograms."""
+    by_scorer = ev.scores.get(split, {})
+    if not by_scorer:
+        return
+    ood_names = [n for n in next(iter(by_scorer.values())) if n != "id"]
+    fig, axes = plt.subplots(
+        len(by_scorer),
+        len(ood_names),
+        squeeze=False,
+        figsize=(2.6 * len(ood_names), 1.9 * len(by_scorer)),
+    )
+    for i, (scorer, scores) in enumerate(by_scorer.items()):
+        for j, name in enumerate(ood_names):
+            ax = axes[i, j]
+            lo = min(scores["id"].min(), scores[name].min())
+            hi = max(scores["id"].max(), scores[name].max())
+            bins = 50 if hi > lo else 1
+            ax.hist(scores["id"], bins=bins, range=(lo, hi), alpha=0.55, density=True, label="ID")
+            ax.hist(scores[name], bins=bins, range=(lo, hi), alpha=0.55, density=True, label=name)
+            ax.set_yticks([])
+            ax.tick_params(labelsize=6)
+            if i == 0:
+                ax.set_title(name, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(scorer, fontsize=8)
+    axes[0, 0].legend(fontsize=6)
+    fig.suptitle(f"{ev.benchmark}: score histograms, ID ({split}) vs OOD", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_evaluation(ev: Evaluation, out: Path, config: dict | None = None) -> None:
+    """DIR/metrics.json (fractions), metrics.md and metrics.csv (x100), histograms.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    if config is not None:
+        atomic_write_json(out / "config.json", config)
+    atomic_write_json(out / "metrics.json", {**ev.to_dict(), "scale": "fraction"})
+    atomic_write_bytes(out / "metrics.md", evaluation_markdown(ev).encode())
+    atomic_write_bytes(out / "metrics.csv", evaluation_csv(ev).encode())
+    plot_histograms(ev, out / "histograms.png")

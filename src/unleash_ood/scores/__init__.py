@@ -1,0 +1,113 @@
+"""Post-hoc OOD scores by name: ``make_scorer("knn", k=10)`` or ``parse_scorer_list("msp,knn")``.
+
+Every score is higher for more ID-like samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import suppress
+
+from unleash_ood.errors import UserError
+from unleash_ood.scores.base import Scorer
+from unleash_ood.scores.distance import KNN, Mahalanobis
+from unleash_ood.scores.odin import ODIN
+from unleash_ood.scores.shaping import ASHB, ASHS, DICE, ReAct
+from unleash_ood.scores.softmax import GEN, MSP, Energy, MaxLogit
+from unleash_ood.scores.vim import ViM
+
+# Display order: logit-only scores, the gradient score, feature-space scores, reshaping scores.
+SCORERS: dict[str, type[Scorer]] = {
+    cls.name: cls
+    for cls in (MSP, MaxLogit, Energy, GEN, ODIN, Mahalanobis, KNN, ViM, ReAct, ASHS, ASHB, DICE)
+}
+
+__all__ = [
+    "ASHB",
+    "ASHS",
+    "DICE",
+    "GEN",
+    "KNN",
+    "MSP",
+    "ODIN",
+    "SCORERS",
+    "Energy",
+    "Mahalanobis",
+    "MaxLogit",
+    "ReAct",
+    "Scorer",
+    "ViM",
+    "make_scorer",
+    "parse_scorer_list",
+    "scorer_names",
+    "scorer_params",
+]
+
+
+def scorer_names() -> list[str]:
+    return list(SCORERS)
+
+
+def _scorer_class(name: str) -> type[Scorer]:
+    if name not in SCORERS:
+        raise UserError(f"unknown scorer {name!r}; choose from: {', '.join(SCORERS)}")
+    return SCORERS[name]
+
+
+def scorer_params(name: str) -> dict[str, object]:
+    """The parameters a scorer takes, with their defaults."""
+    return {f.name: f.default for f in dataclasses.fields(_scorer_class(name)) if f.init}
+
+
+def make_scorer(name: str, **params: object) -> Scorer:
+    valid = scorer_params(name)
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        takes = f"its parameters are: {', '.join(valid)}" if valid else "it takes no parameters"
+        raise UserError(f"{name} has no parameter {', '.join(unknown)}; {takes}")
+    return SCORERS[name](**params)
+
+
+def parse_scorer_list(spec: str) -> list[Scorer]:
+    """Scorers from a command-line string.
+
+    Comma-separated names (``"msp,energy,knn"``), or ``"all"`` alone for every scorer with its
+    defaults. Parameters follow a name after colons: ``"energy:temperature=2,gen:gamma=0.5:m=10"``.
+    Each scorer may appear once, since results are reported under the scorer's name.
+    """
+    entries = [entry.strip() for entry in spec.split(",") if entry.strip()]
+    if entries == ["all"]:
+        return [cls() for cls in SCORERS.values()]
+    if not entries or "all" in entries:
+        raise UserError(
+            f"give scorer names separated by commas, or all alone; got {spec!r}. "
+            f"Scorers: {', '.join(SCORERS)}"
+        )
+    scorers = [_parse_entry(entry) for entry in entries]
+    names = [s.name for s in scorers]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise UserError(f"scorer {', '.join(repeated)} is listed more than once; list it once")
+    return scorers
+
+
+def _parse_entry(entry: str) -> Scorer:
+    name, *assignments = (part.strip() for part in entry.split(":"))
+    params = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key.strip():
+            raise UserError(
+                f"bad scorer parameter {assignment!r} in {entry!r}: write e.g. knn:k=10"
+            )
+        params[key.strip()] = _parse_value(value.strip(), entry)
+    return make_scorer(name, **params)
+
+
+def _parse_value(text: str, entry: str) -> int | float | None:
+    if text.lower() == "none":
+        return None
+    for kind in (int, float):
+        with suppress(ValueError):
+            return kind(text)
+    raise UserError(f"scorer parameter values must be numbers (or none); got {text!r} in {entry!r}")

@@ -1,0 +1,353 @@
+"""One readable training loop: SGD, a per-epoch schedule, a checkpoint every k epochs, resume,
+and DistributedDataParallel under ``torchrun`` with the global batch size preserved.
+
+Every random choice of epoch ``e`` (shuffling, augmentation, dropout) is drawn from generators
+seeded with ``(seed, e)``. The RNG state at an epoch boundary is therefore a function of the
+recipe and the epoch, and resuming from the last complete checkpoint (weights, momentum
+buffers, epoch; the schedule is a function of the epoch) reproduces an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from unleash_ood.augment import AUGMENTATIONS, augment
+from unleash_ood.checkpoint import atomic_write_json, model_spec, read_sidecar, save_checkpoint
+from unleash_ood.data.base import ImageSet
+from unleash_ood.errors import UserError
+from unleash_ood.evaluate import forward_outputs
+from unleash_ood.metrics import accuracy
+from unleash_ood.models import Classifier
+
+SCHEDULES = ("cosine", "step", "constant")
+
+# An objective maps (model, images, labels) to (loss, logits); cross-entropy is the default.
+Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    logits = model(x)
+    return F.cross_entropy(logits, y), logits
+
+
+@dataclass
+class Recipe:
+    """Every knob of a training run; written into the run directory and each checkpoint."""
+
+    model: str = "cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    augment: str = "crop+flip"
+    seed: int = 0
+    save_every: int = 1
+
+    def check(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
+        if self.augment not in AUGMENTATIONS:
+            raise UserError(
+                f"unknown augmentation {self.augment!r}; choose {', '.join(AUGMENTATIONS)}"
+            )
+        if self.epochs < 1 or self.batch_size < 1 or self.save_every < 1:
+            raise UserError("epochs, batch size and save-every must be positive")
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate for (0-based) ``epoch``: cosine to 0, or /10 at 50 % and 75 %."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        if self.schedule == "step":
+            return self.lr * 0.1 ** sum(epoch >= f * self.epochs for f in (0.5, 0.75))
+        return self.lr
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group that ``torchrun`` describes in the environment, if any."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist(), device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size()), device
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+def global_batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
+    """Shuffled index batches of the global batch size; the ragged last batch is dropped."""
+    perm = torch.randperm(n, generator=g)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield perm[start : start + batch_size]
+
+
+def _state_path(ckpt_dir: Path, epoch: int) -> Path:
+    return ckpt_dir / f"train_state_{epoch:03d}.safetensors"
+
+
+def save_train_state(
+    ckpt_dir: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer
+) -> None:
+    """SGD momentum buffers by parameter name, for ``--resume``; older states are removed."""
+    names = {p: n for n, p in model.named_parameters()}
+    tensors = {
+        f"momentum/{names[p]}": s["momentum_buffer"].detach().cpu().contiguous()
+        for p, s in opt.state.items()
+        if s.get("momentum_buffer") is not None
+    }
+    path = _state_path(ckpt_dir, epoch)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
+    os.replace(tmp, path)
+    for old in ckpt_dir.glob("train_state_*.safetensors"):
+        if old != path:
+            old.unlink(missing_ok=True)
+
+
+def load_train_state(
+    ckpt_dir: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer
+) -> None:
+    path = _state_path(ckpt_dir, epoch)
+    if not path.exists():
+        raise UserError(
+            f"cannot resume: {path.name} is missing from {ckpt_dir}; start afresh without --resume"
+        )
+    tensors = load_file(str(path))
+    for name, p in model.named_parameters():
+        if f"momentum/{name}" in tensors:
+            opt.state[p]["momentum_buffer"] = tensors[f"momentum/{name}"].to(p.device)
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    lr: float
+    train_loss: float
+    train_acc: float
+    val_acc: float
+    seconds: float
+
+
+class Trainer:
+    """Trains ``model`` on ``train`` with ``recipe``, checkpointing into ``out/checkpoints``."""
+
+    def __init__(
+        self,
+        model: Classifier,
+        recipe: Recipe,
+        train: ImageSet,
+        val: ImageSet,
+        out: Path,
+        device: torch.device,
+        spec: dict[str, Any],
+        objective: Objective = cross_entropy,
+        progress: bool = True,
+        extra_meta: dict[str, Any] | None = None,
+    ):
+        recipe.check()
+        self.recipe, self.train_set, self.val_set = recipe, train, val
+        self.dist, self.device = init_distributed(device)
+        if recipe.batch_size % self.dist.world:
+            raise UserError(
+                f"batch size {recipe.batch_size} does not split over "
+                f"{self.dist.world} processes; use a multiple of {self.dist.world}"
+            )
+        if len(train) < recipe.batch_size:
+            raise UserError(
+                f"the training set ({len(train)}) is smaller than one batch "
+                f"({recipe.batch_size}); lower --batch-size"
+            )
+        self.model = model.to(self.device)
+        self.net: nn.Module = self.model
+        if self.dist.world > 1:
+            self.net = nn.parallel.DistributedDataParallel(self.model)
+        self.opt = torch.optim.SGD(
+            [p for p in self.model.parameters() if p.requires_grad],
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            nesterov=recipe.nesterov,
+            weight_decay=recipe.weight_decay,
+        )
+        self.out, self.ckpt_dir = out, out / "checkpoints"
+        self.spec, self.objective, self.progress = spec, objective, progress
+        self.extra_meta = extra_meta or {}
+        self.start_epoch = 0
+
+    def resume(self) -> None:
+        """Continue from ``checkpoints/last`` (model, momentum, epoch)."""
+        last = self.ckpt_dir / "last"
+        meta = read_sidecar(last)
+        if meta.get("recipe") != asdict(self.recipe):
+            raise UserError(
+                f"cannot resume {self.out}: its recipe differs from the flags given; "
+                f"rerun with the same flags"
+            )
+        state = load_file(str(last) + ".safetensors")
+        self.model.load_state_dict(state)
+        self.start_epoch = meta["epoch"]
+        load_train_state(self.ckpt_dir, self.start_epoch, self.model, self.opt)
+
+    def _reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self.dist.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def train_epoch(self, epoch: int) -> tuple[float, float]:
+        r, d = self.recipe, self.dist
+        for group in self.opt.param_groups:
+            group["lr"] = r.lr_at(epoch)
+        g = epoch_generator(r.seed, epoch)
+        torch.manual_seed(r.seed * 100_003 + epoch)  # dropout and other global-RNG layers
+        self.net.train()
+        loss_sum = correct = count = 0.0
+        n_batches = len(self.train_set) // r.batch_size
+        bar = tqdm(
+            global_batches(len(self.train_set), r.batch_size, g),
+            total=n_batches,
+            desc=f"epoch {epoch + 1}/{r.epochs}",
+            leave=False,
+            disable=not (self.progress and d.main),
+        )
+        for idx in bar:
+            x, y = self.train_set.__getitems__(idx)
+            x = augment(x, r.augment, g, padding=x.shape[-1] // 8)[d.rank :: d.world]
+            x = x.to(self.device, non_blocking=True)
+            y = y[d.rank :: d.world].to(self.device, non_blocking=True)
+            loss, logits = self.objective(self.net, x, y)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            loss_sum += float(loss.detach()) * y.numel()
+            correct += float((logits.argmax(1) == y).sum())
+            count += y.numel()
+            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}")
+        loss_sum, correct, count = self._reduce([loss_sum, correct, count])
+        return loss_sum / count, correct / count
+
+    def fit(self) -> list[EpochStats]:
+        r, history = self.recipe, []
+        for epoch in range(self.start_epoch, r.epochs):
+            t0 = time.perf_counter()
+            loss, acc = self.train_epoch(epoch)
+            done = epoch + 1
+            if self.dist.main and (done % r.save_every == 0 or done == r.epochs):
+                val_acc = accuracy(
+                    forward_outputs(self.model, self.val_set, self.device).logits,
+                    self.val_set.labels,
+                )
+                stats = EpochStats(
+                    done, r.lr_at(epoch), loss, acc, val_acc, time.perf_counter() - t0
+                )
+                self.save(stats)
+                history.append(stats)
+                self.log(stats)
+            if self.dist.world > 1:
+                dist.barrier()
+        return history
+
+    def save(self, stats: EpochStats) -> None:
+        meta = {
+            "recipe": asdict(self.recipe),
+            "epoch": stats.epoch,
+            "metrics": asdict(stats),
+            **self.extra_meta,
+        }
+        save_checkpoint(self.ckpt_dir / f"epoch_{stats.epoch:03d}", self.model, self.spec, **meta)
+        save_train_state(self.ckpt_dir, stats.epoch, self.model, self.opt)
+        save_checkpoint(self.ckpt_dir / "last", self.model, self.spec, **meta)
+
+    def log(self, s: EpochStats) -> None:
+        line = (
+            f"epoch {s.epoch:3d}  lr {s.lr:.4f}  train loss {s.train_loss:.4f}  "
+            f"train acc {100 * s.train_acc:.2f}  val acc {100 * s.val_acc:.2f}  "
+            f"{s.seconds:.1f}s"
+        )
+        with open(self.out / "log.txt", "a") as f:
+            f.write(line + "\n")
+        if self.progress:
+            tqdm.write(line)
+
+
+def pretrain(
+    benchmark,
+    recipe: Recipe,
+    out: Path,
+    device: torch.device,
+    resume: bool = False,
+    progress: bool = True,
+) -> list[EpochStats]:
+    """Train ``recipe.model`` from scratch on ``benchmark``'s ID training split."""
+    from unleash_ood.models import create_model
+
+    torch.manual_seed(recipe.seed)
+    c, h, _ = benchmark.image_shape
+    model = create_model(
+        recipe.model,
+        num_classes=benchmark.num_classes,
+        in_channels=c,
+        mean=benchmark.mean,
+        std=benchmark.std,
+        **recipe.model_kwargs,
+    )
+    spec = model_spec(model, recipe.model, h, recipe.model_kwargs)
+    trainer = Trainer(
+        model,
+        recipe,
+        benchmark.id_train,
+        benchmark.id_val,
+        out,
+        device,
+        spec,
+        progress=progress,
+        extra_meta={"benchmark": benchmark.name},
+    )
+    if trainer.dist.main:
+        if not resume and (out / "checkpoints").exists():
+            raise UserError(
+                f"{out} already holds a training run; pass --resume to continue it "
+                f"or choose another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_json(
+                out / "config.json",
+                {"command": "pretrain", "benchmark": benchmark.name, "recipe": asdict(recipe)},
+            )
+    if resume:
+        trainer.resume()
+    return trainer.fit()

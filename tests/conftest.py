@@ -1,0 +1,84 @@
+"""Shared fixtures: an isolated cache, small Fashion-MNIST-format files, a tiny checkpoint."""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from unleash_ood.checkpoint import model_spec, save_checkpoint
+from unleash_ood.models import create_model
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Derived data goes to a per-session folder; nothing is downloaded."""
+    root = tmp_path_factory.mktemp("cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("UNLEASH_CACHE", str(root))
+    mp.setenv("UNLEASH_OFFLINE", "1")
+    mp.delenv("UNLEASH_DATA", raising=False)
+    yield root
+    mp.undo()
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) in the IDX format of the MNIST family, gzipped."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def fake_fashion(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable 28x28 images: class c is a bright bar at row 2c plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = rng.integers(0, 60, size=(n, 28, 28))
+    for i, c in enumerate(labels):
+        images[i, 2 + 2 * c : 5 + 2 * c, 4:24] = 220
+    return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def fmnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A --data-dir holding a small Fashion-MNIST in its original file layout."""
+    root = tmp_path_factory.mktemp("data")
+    folder = root / "fashion-mnist"
+    folder.mkdir()
+    for split, n, seed in (("train", 1200, 0), ("t10k", 300, 1)):
+        images, labels = fake_fashion(n, seed)
+        write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_benchmark(fmnist_dir: Path):
+    from unleash_ood.data import load_benchmark
+
+    return load_benchmark("fmnist", fmnist_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_benchmark, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A width-4 CNN fitted for a few steps on the small Fashion-MNIST, saved as a checkpoint."""
+    torch.manual_seed(0)
+    b = tiny_benchmark
+    model = create_model("cnn", num_classes=10, in_channels=1, mean=b.mean, std=b.std, width=4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = b.id_train.__getitems__(range(len(b.id_train)))
+    model.train()
+    for _ in range(30):
+        idx = torch.randint(0, len(y), (128,))
+        loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_checkpoint(path, model.eval(), model_spec(model, "cnn", 28, {"width": 4}))
+    return path
