@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("none", "crop", "crop+flip")
+AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
 
 
 def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
@@ -34,5 +34,6 @@ def random_flip(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
 def augment(x: torch.Tensor, kind: str, g: torch.Generator, padding: int) -> torch.Tensor:
     if kind == "none":
         return x
-    x = random_crop(x, padding, g)
-    return random_flip(x, g) if kind == "crop+flip" else x
+    if kind != "flip":
+        x = random_crop(x, padding, g)
+    return random_flip(x, g) if kind.endswith("flip") else x

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -99,6 +100,49 @@ def _model_kwargs(pairs: list[str]) -> dict:
     return out
 
 
+def _tracker(args: argparse.Namespace, bench, device):
+    from unleash_ood.scores import parse_scorer_list
+    from unleash_ood.track import Tracker
+
+    parse_scorer_list(args.scores)  # fail on a bad name before any heavy work
+    return Tracker(
+        bench,
+        args.scores,
+        Path(args.out),
+        device,
+        args.eval_batch_size,
+        args.recompute_bn,
+        progress=not args.no_progress,
+    )
+
+
+def _add_track_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--scores", default="energy,msp", help="scorers to track, or 'all'")
+    p.add_argument(
+        "--recompute-bn",
+        action="store_true",
+        help="recompute BatchNorm statistics on training data before evaluating",
+    )
+    p.add_argument("--eval-batch-size", type=int, default=512)
+
+
+def cmd_track(args: argparse.Namespace) -> None:
+    from unleash_ood.data import load_benchmark
+    from unleash_ood.device import resolve_device
+    from unleash_ood.track import track_run
+
+    tracker = _tracker(
+        args, load_benchmark(args.benchmark, args.data_dir), resolve_device(args.device)
+    )
+    track_run(Path(args.out), tracker)
+    sel = json.loads((Path(args.out) / "track_selection.json").read_text())
+    print(
+        f"tracked {len({r['epoch'] for r in tracker.rows})} epochs into {args.out}/track.csv "
+        f"and track.png; validation-selected epoch {sel['selected_epoch']} "
+        f"(final {sel.get('final_epoch')})"
+    )
+
+
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
@@ -121,8 +165,15 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     recipe.check()
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
+    tracker = _tracker(args, bench, device) if args.track else None
     history = pretrain(
-        bench, recipe, Path(args.out), device, resume=args.resume, progress=not args.no_progress
+        bench,
+        recipe,
+        Path(args.out),
+        device,
+        resume=args.resume,
+        progress=not args.no_progress,
+        on_save=tracker,
     )
     if history:
         last = history[-1]
@@ -130,6 +181,22 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
             f"trained {args.model} to epoch {last.epoch}: train loss {last.train_loss:.4f}, "
             f"val acc {100 * last.val_acc:.2f}; checkpoints in {args.out}/checkpoints/"
         )
+
+
+def _add_recipe_args(p: argparse.ArgumentParser, defaults) -> None:
+    """Optimisation flags shared by the training commands; ``defaults`` is a Recipe."""
+    p.add_argument("--epochs", type=int, default=defaults.epochs)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch")
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--momentum", type=float, default=defaults.momentum)
+    p.add_argument("--nesterov", action="store_true")
+    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument(
+        "--schedule",
+        default=defaults.schedule,
+        help="step (/10 at 50%% and 75%% of the epochs), cosine or constant",
+    )
+    p.add_argument("--augment", default=defaults.augment, help="none, flip, crop, crop+flip")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -152,6 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     p.set_defaults(func=cmd_evaluate)
 
+    from unleash_ood.train import Recipe
+
     p = sub.add_parser("pretrain", help="train a classifier from scratch, checkpointing each epoch")
     p.add_argument("--model", default="cnn", help="architecture (cnn, resnet18, wrn40_2, ...)")
     p.add_argument(
@@ -161,24 +230,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="architecture option, e.g. width=64 (repeatable)",
     )
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--batch-size", type=int, default=128, help="global batch size")
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
-    p.add_argument(
-        "--schedule", default="cosine", help="cosine, step (/10 at 50%%, 75%%), constant"
-    )
-    p.add_argument("--augment", default="crop+flip", help="none, crop, crop+flip")
+    _add_recipe_args(p, Recipe())
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=1, help="checkpoint every k epochs")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--track", action="store_true", help="evaluate OOD metrics at every save")
+    _add_track_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_data_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("track", help="OOD metrics of every saved epoch of a training run")
+    p.add_argument("out", metavar="RUN", help="run directory written by 'unleash pretrain'")
+    _add_track_args(p)
+    _add_data_args(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_track)
     return parser
 
 

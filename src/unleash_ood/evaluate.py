@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from unleash_ood.data.base import Benchmark, ImageSet
-from unleash_ood.device import resolve_device
+from unleash_ood.device import prepare_model, resolve_device, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.metrics import METRIC_NAMES, accuracy, ood_metrics
 from unleash_ood.models import Classifier
@@ -45,7 +45,7 @@ def forward_outputs(
     for x, y in tqdm(
         data.batches(batch_size), total=total, desc=data.name, leave=False, disable=not progress
     ):
-        feats = model.features(x.to(device, non_blocking=True))
+        feats = model.features(to_device(x, device))
         logits = model.head(feats)
         parts.append(Outputs(feats.float().cpu(), logits.float().cpu(), y))
     out = Outputs.concat(parts)
@@ -155,7 +155,7 @@ class Evaluator:
         progress: bool = True,
     ):
         self.device = resolve_device(device) if isinstance(device, str) else device
-        self.model = model.to(self.device).eval()
+        self.model = prepare_model(model, self.device).eval()
         self.benchmark = benchmark
         self.scorers = parse_scorer_list(scorers) if isinstance(scorers, str) else list(scorers)
         self.batch_size = batch_size

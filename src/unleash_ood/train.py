@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from unleash_ood.augment import AUGMENTATIONS, augment
 from unleash_ood.checkpoint import atomic_write_json, model_spec, read_sidecar, save_checkpoint
 from unleash_ood.data.base import ImageSet
+from unleash_ood.device import prepare_model, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.evaluate import forward_outputs
 from unleash_ood.metrics import accuracy
@@ -49,14 +50,14 @@ class Recipe:
 
     model: str = "cnn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 30
+    epochs: int = 60
     batch_size: int = 128
-    lr: float = 0.1
+    lr: float = 0.05
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    augment: str = "crop+flip"
+    schedule: str = "step"
+    augment: str = "flip"
     seed: int = 0
     save_every: int = 1
 
@@ -177,6 +178,7 @@ class Trainer:
         objective: Objective = cross_entropy,
         progress: bool = True,
         extra_meta: dict[str, Any] | None = None,
+        on_save: Callable[[int, Classifier, dict], None] | None = None,
     ):
         recipe.check()
         self.recipe, self.train_set, self.val_set = recipe, train, val
@@ -191,7 +193,7 @@ class Trainer:
                 f"the training set ({len(train)}) is smaller than one batch "
                 f"({recipe.batch_size}); lower --batch-size"
             )
-        self.model = model.to(self.device)
+        self.model = prepare_model(model, self.device)
         self.net: nn.Module = self.model
         if self.dist.world > 1:
             self.net = nn.parallel.DistributedDataParallel(self.model)
@@ -205,6 +207,7 @@ class Trainer:
         self.out, self.ckpt_dir = out, out / "checkpoints"
         self.spec, self.objective, self.progress = spec, objective, progress
         self.extra_meta = extra_meta or {}
+        self.on_save = on_save  # e.g. a Tracker: evaluates each saved epoch
         self.start_epoch = 0
 
     def resume(self) -> None:
@@ -246,7 +249,7 @@ class Trainer:
         for idx in bar:
             x, y = self.train_set.__getitems__(idx)
             x = augment(x, r.augment, g, padding=x.shape[-1] // 8)[d.rank :: d.world]
-            x = x.to(self.device, non_blocking=True)
+            x = to_device(x, self.device)
             y = y[d.rank :: d.world].to(self.device, non_blocking=True)
             loss, logits = self.objective(self.net, x, y)
             self.opt.zero_grad(set_to_none=True)
@@ -276,6 +279,8 @@ class Trainer:
                 self.save(stats)
                 history.append(stats)
                 self.log(stats)
+                if self.on_save:
+                    self.on_save(stats.epoch, self.model, asdict(stats))
             if self.dist.world > 1:
                 dist.barrier()
         return history
@@ -310,6 +315,7 @@ def pretrain(
     device: torch.device,
     resume: bool = False,
     progress: bool = True,
+    on_save: Callable[[int, Classifier, dict], None] | None = None,
 ) -> list[EpochStats]:
     """Train ``recipe.model`` from scratch on ``benchmark``'s ID training split."""
     from unleash_ood.models import create_model
@@ -335,6 +341,7 @@ def pretrain(
         spec,
         progress=progress,
         extra_meta={"benchmark": benchmark.name},
+        on_save=on_save,
     )
     if trainer.dist.main:
         if not resume and (out / "checkpoints").exists():

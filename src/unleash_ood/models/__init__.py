@@ -55,7 +55,7 @@ class ModelSpec:
 
 
 MODELS: dict[str, ModelSpec] = {
-    "cnn": ModelSpec(SmallCNN, "small VGG-style CNN for 28x28 images, 0.29M parameters"),
+    "cnn": ModelSpec(SmallCNN, "small VGG-style CNN for 28x28 images, 0.28M parameters"),
     "resnet18": ModelSpec(
         ResNet18, "ResNet-18 with a CIFAR stem, 11.2M parameters (width=16: 0.7M)"
     ),

@@ -1,0 +1,255 @@
+"""OOD metrics of every saved epoch: the paper's observation that an intermediate epoch
+detects OOD better than the final one, made visible on the user's own model and data.
+
+``track.csv`` is tidy: one row per (epoch, split, scorer, OOD set) with the epoch's training
+loss and ID accuracies repeated, so it loads straight into a data frame. Selection of "the best
+intermediate epoch" looks only at the OOD *validation* sets and the ID validation split.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+from unleash_ood.data.base import Benchmark, ImageSet
+from unleash_ood.device import to_device
+from unleash_ood.errors import UserError
+from unleash_ood.evaluate import Evaluation, Evaluator
+from unleash_ood.metrics import METRIC_NAMES
+from unleash_ood.models import Classifier
+
+EPOCH_FILE = re.compile(r"epoch_(\d+)\.json$")
+COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "id_val_acc",
+    "id_test_acc",
+    "split",
+    "scorer",
+    "dataset",
+    *METRIC_NAMES,
+)
+
+
+@torch.no_grad()
+def recompute_batchnorm(
+    model: Classifier,
+    data: ImageSet,
+    device: torch.device,
+    batch_size: int = 512,
+    max_batches: int = 40,
+) -> None:
+    """Replace BatchNorm running statistics by their exact average over training batches.
+
+    Running averages lag behind the weights while the learning rate is high, so an epoch's
+    eval-mode predictions carry noise that has nothing to do with what the weights learned.
+    """
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the batches below
+        m.train()
+    for i, (x, _) in enumerate(data.batches(batch_size)):
+        if i == max_batches:
+            break
+        model.features(to_device(x, device))
+    for m, (momentum, training) in zip(bns, saved, strict=True):
+        m.momentum = momentum
+        m.train(training)
+
+
+def epoch_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every per-epoch checkpoint in ``run/checkpoints``, in order."""
+    found = sorted(
+        (int(m.group(1)), p.with_suffix(""))
+        for p in (run / "checkpoints").glob("epoch_*.json")
+        if (m := EPOCH_FILE.search(p.name))
+    )
+    if not found:
+        raise UserError(
+            f"no epoch checkpoints in {run}/checkpoints; train with "
+            f"'unleash pretrain --out {run}' first"
+        )
+    return found
+
+
+def evaluation_rows(ev: Evaluation, epoch: int, train_metrics: dict) -> list[dict]:
+    base = {
+        "epoch": epoch,
+        "train_loss": train_metrics.get("train_loss", float("nan")),
+        "train_acc": train_metrics.get("train_acc", float("nan")),
+        "id_val_acc": ev.accuracy.get("id_val", float("nan")),
+        "id_test_acc": ev.accuracy.get("id_test", float("nan")),
+    }
+    return [{**base, **r} for r in ev.rows]
+
+
+class Tracker:
+    """Evaluates one epoch's model on OOD val and test sets and keeps ``track.csv`` current."""
+
+    def __init__(
+        self,
+        benchmark: Benchmark,
+        scorers: str,
+        out: Path,
+        device: torch.device,
+        batch_size: int = 512,
+        recompute_bn: bool = False,
+        progress: bool = True,
+    ):
+        self.benchmark, self.scorers, self.out = benchmark, scorers, out
+        self.device, self.batch_size = device, batch_size
+        self.recompute_bn, self.progress = recompute_bn, progress
+        existing = out / "track.csv"
+        self.rows: list[dict] = read_track_csv(existing) if existing.exists() else []
+
+    def __call__(self, epoch: int, model: Classifier, train_metrics: dict) -> None:
+        if self.recompute_bn:  # on a copy: a training run's own statistics stay untouched
+            model = copy.deepcopy(model)
+            recompute_batchnorm(model, self.benchmark.id_train, self.device, self.batch_size)
+        model.eval()
+        ev = Evaluator(
+            model,
+            self.benchmark,
+            self.scorers,
+            device=self.device,
+            batch_size=self.batch_size,
+            progress=False,
+        ).run(("val", "test"))
+        self.rows = [r for r in self.rows if r["epoch"] != epoch]
+        self.rows += evaluation_rows(ev, epoch, train_metrics)
+        self.write()
+
+    def write(self) -> None:
+        atomic_write_bytes(self.out / "track.csv", rows_csv(self.rows).encode())
+        plot_track(self.rows, self.out / "track.png", self.benchmark.name)
+        atomic_write_json(self.out / "track_selection.json", select_epoch(self.rows))
+
+
+def track_run(run: Path, tracker: Tracker) -> Tracker:
+    """Evaluate every saved epoch of ``run``; writes track.csv, track.png, track_selection.json."""
+    b = tracker.benchmark
+    for epoch, path in tqdm(epoch_checkpoints(run), desc="epochs", disable=not tracker.progress):
+        model, meta = load_checkpoint(path, tracker.device, b.num_classes, b.image_shape)
+        tracker(epoch, model, meta.get("metrics", {}))
+    return tracker
+
+
+def rows_csv(rows: Sequence[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
+    w.writeheader()
+    w.writerows(sorted(rows, key=lambda r: r["epoch"]))
+    return buf.getvalue()
+
+
+def read_track_csv(path: Path) -> list[dict]:
+    """Rows of a track.csv, numbers as numbers (so a resumed run keeps its earlier epochs)."""
+    text = ("split", "scorer", "dataset")
+    with open(path, newline="") as f:
+        return [
+            {k: (v if k in text else int(v) if k == "epoch" else float(v)) for k, v in r.items()}
+            for r in csv.DictReader(f)
+        ]
+
+
+def curve(
+    rows: Sequence[dict], split: str, scorer: str, metric: str, dataset: str = "mean"
+) -> tuple[np.ndarray, np.ndarray]:
+    """(epochs, values) of one metric, sorted by epoch."""
+    pts = sorted(
+        (r["epoch"], r[metric])
+        for r in rows
+        if (r["split"], r["scorer"], r["dataset"]) == (split, scorer, dataset)
+    )
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts])
+
+
+def per_epoch(rows: Sequence[dict], key: str) -> tuple[np.ndarray, np.ndarray]:
+    pts = sorted({r["epoch"]: r[key] for r in rows}.items())
+    return np.array([p[0] for p in pts]), np.array([p[1] for p in pts], dtype=float)
+
+
+def window_mean(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred moving average (shrinking at the ends), to keep single noisy epochs from winning."""
+    half = window // 2
+    return np.array([values[max(0, i - half) : i + half + 1].mean() for i in range(len(values))])
+
+
+@dataclass(frozen=True)
+class SelectionRule:
+    """Best window-averaged mean OOD-validation AUROC of ``scorer`` among epochs whose ID
+    validation accuracy is within ``acc_tolerance`` of the run's best."""
+
+    scorer: str = "energy"
+    metric: str = "auroc"
+    window: int = 3
+    acc_tolerance: float = 0.01
+
+
+def select_epoch(rows: Sequence[dict], rule: SelectionRule | None = None) -> dict:
+    """Pick the intermediate epoch by validation data only; see :class:`SelectionRule`."""
+    rule = rule or SelectionRule()
+    scorers = {r["scorer"] for r in rows}
+    if rule.scorer not in scorers:
+        rule = SelectionRule(sorted(scorers)[0], rule.metric, rule.window, rule.acc_tolerance)
+    epochs, values = curve(rows, "val", rule.scorer, rule.metric)
+    if epochs.size == 0:
+        return {"selected_epoch": None, "reason": "no OOD validation sets in this benchmark"}
+    _, val_acc = per_epoch(rows, "id_val_acc")
+    smooth = window_mean(values, rule.window)
+    eligible = val_acc >= val_acc.max() - rule.acc_tolerance
+    sign = -1 if rule.metric.startswith(("fpr", "detection")) else 1
+    best = int(np.argmax(np.where(eligible, sign * smooth, -np.inf)))
+    return {
+        "selected_epoch": int(epochs[best]),
+        "final_epoch": int(epochs[-1]),
+        "rule": rule.__dict__,
+        "val_metric_windowed": float(smooth[best]),
+        "id_val_acc": float(val_acc[best]),
+    }
+
+
+def plot_track(rows: Sequence[dict], path: Path, title: str) -> None:
+    """ID accuracy, mean AUROC and mean FPR95 (ID+) against epoch; solid test, dashed val."""
+    import matplotlib.pyplot as plt
+
+    from unleash_ood.report import save_figure
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    epochs, loss = per_epoch(rows, "train_loss")
+    for key, style in (("id_val_acc", "--"), ("id_test_acc", "-")):
+        axes[0].plot(*per_epoch(rows, key), style, label=key.replace("_acc", ""))
+    ax_loss = axes[0].twinx()
+    ax_loss.plot(epochs, loss, ":", color="grey", label="train loss")
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("train loss (dotted)")
+    axes[0].set_title("ID accuracy")
+    axes[0].legend(fontsize=7)
+    for ax, metric in zip(axes[1:], ("auroc", "fpr95_id"), strict=True):
+        for i, scorer in enumerate(dict.fromkeys(r["scorer"] for r in rows)):
+            for split, style in (("test", "-"), ("val", "--")):
+                e, v = curve(rows, split, scorer, metric)
+                if e.size:
+                    ax.plot(e, v, style, color=f"C{i}", label=f"{scorer} ({split})")
+        ax.set_title(f"mean {metric} over OOD sets")
+        ax.legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
