@@ -59,6 +59,22 @@ def model_spec(
     }
 
 
+SPEC_KEYS = (
+    "architecture",
+    "model_kwargs",
+    "num_classes",
+    "in_channels",
+    "input_size",
+    "mean",
+    "std",
+)
+
+
+def spec_of(meta: dict[str, Any]) -> dict[str, Any]:
+    """The part of a sidecar that rebuilds the dense architecture (no recipe, no metrics)."""
+    return {k: meta[k] for k in SPEC_KEYS}
+
+
 def save_checkpoint(
     path: str | os.PathLike, model: Classifier, spec: dict[str, Any], **extra: Any
 ) -> Path:
@@ -93,7 +109,8 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def build_model(meta: dict[str, Any]) -> Classifier:
-    return create_model(
+    """The architecture a sidecar describes; UMAP runs get their masked layers back."""
+    model = create_model(
         meta["architecture"],
         num_classes=meta["num_classes"],
         in_channels=meta["in_channels"],
@@ -101,6 +118,11 @@ def build_model(meta: dict[str, Any]) -> Classifier:
         std=meta["std"],
         **meta.get("model_kwargs", {}),
     )
+    if meta.get("umap"):
+        from unleash_ood.method.umap import apply_umap
+
+        apply_umap(model, **meta["umap"])
+    return model
 
 
 def load_checkpoint(

@@ -146,22 +146,9 @@ def cmd_track(args: argparse.Namespace) -> None:
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
-    from unleash_ood.train import Recipe, pretrain
+    from unleash_ood.train import pretrain
 
-    recipe = Recipe(
-        model=args.model,
-        model_kwargs=_model_kwargs(args.model_arg),
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        nesterov=args.nesterov,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        augment=args.augment,
-        seed=args.seed,
-        save_every=args.save_every,
-    )
+    recipe = _recipe_from(args, model=args.model, model_kwargs=_model_kwargs(args.model_arg))
     recipe.check()
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
@@ -185,6 +172,10 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 def _add_recipe_args(p: argparse.ArgumentParser, defaults) -> None:
     """Optimisation flags shared by the training commands; ``defaults`` is a Recipe."""
+    p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument(
+        "--save-every", type=int, default=defaults.save_every, help="checkpoint every k epochs"
+    )
     p.add_argument("--epochs", type=int, default=defaults.epochs)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch")
     p.add_argument("--lr", type=float, default=defaults.lr)
@@ -197,6 +188,109 @@ def _add_recipe_args(p: argparse.ArgumentParser, defaults) -> None:
         help="step (/10 at 50%% and 75%% of the epochs), cosine or constant",
     )
     p.add_argument("--augment", default=defaults.augment, help="none, flip, crop, crop+flip")
+
+
+def _recipe_from(args: argparse.Namespace, **fixed):
+    from unleash_ood.train import Recipe
+
+    return Recipe(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        nesterov=args.nesterov,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        augment=args.augment,
+        seed=args.seed,
+        save_every=args.save_every,
+        **fixed,
+    )
+
+
+def cmd_finetune(args: argparse.Namespace) -> None:
+    from unleash_ood.checkpoint import read_sidecar
+    from unleash_ood.data import load_benchmark
+    from unleash_ood.device import resolve_device
+    from unleash_ood.method.finetune import FinetuneSpec, finetune
+
+    start = read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
+    spec = FinetuneSpec(
+        method=args.method,
+        xi=args.xi,
+        keep=args.keep,
+        train_weights=args.train_weights,
+        n_masks=args.n_masks,
+        mask_fraction=args.mask_fraction,
+        xi_grid=tuple(float(v) for v in args.xi_grid.split(",")),
+    )
+    spec.check()
+    recipe = _recipe_from(
+        args, model=start["architecture"], model_kwargs=start.get("model_kwargs", {})
+    )
+    recipe.check()
+    device = resolve_device(args.device)
+    bench = load_benchmark(args.benchmark, args.data_dir)
+    tracker = _tracker(args, bench, device) if args.track else None
+    final, choice = finetune(
+        bench,
+        Path(args.from_),
+        spec,
+        recipe,
+        Path(args.out),
+        device,
+        resume=args.resume,
+        progress=not args.no_progress,
+        on_save=tracker,
+    )
+    xi = "none (plain cross-entropy)" if choice.xi is None else f"{choice.xi:.4g} ({choice.source})"
+    print(f"fine-tuned with {args.method}, xi {xi}; final model: {final}.safetensors")
+
+
+def cmd_atypical(args: argparse.Namespace) -> None:
+    import csv
+    import io
+
+    from unleash_ood.checkpoint import atomic_write_bytes, load_checkpoint
+    from unleash_ood.data import load_benchmark
+    from unleash_ood.device import resolve_device
+    from unleash_ood.method.atypical import atypicality, plot_grid, ranking_rows
+
+    device = resolve_device(args.device)
+    bench = load_benchmark(args.benchmark, args.data_dir)
+    model, _ = load_checkpoint(args.from_, device, bench.num_classes, bench.image_shape)
+    a = atypicality(model, bench.id_train, args.mask_fraction, args.n_masks, args.seed, device)
+    rows = ranking_rows(a, bench.id_train.labels.numpy())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["rank", "index", "label", "prediction", "loss", "masked_loss", "delta"])
+    w.writerows(rows)
+    atomic_write_bytes(out / "atypical.csv", buf.getvalue().encode())
+    plot_grid(a, bench.id_train, bench.class_names, out / "atypical.png")
+    print(
+        f"ranked {len(rows):,} training samples into {out}/atypical.csv and atypical.png; "
+        f"mean loss {a.loss.mean():.4f} -> {a.masked_loss.mean():.4f} under "
+        f"{args.n_masks} random masks of {100 * args.mask_fraction:.1f} %"
+    )
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    import time
+
+    from unleash_ood.demo import DemoPlan, run_demo
+    from unleash_ood.device import resolve_device
+
+    out = Path(args.out or time.strftime("unleash-demo-%Y%m%d-%H%M%S"))
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty; choose another --out")
+    plan = DemoPlan.quick() if args.quick else DemoPlan()
+    result = run_demo(
+        out, args.data_dir, resolve_device(args.device), plan, progress=not args.no_progress
+    )
+    print((out / "demo.md").read_text())
+    print(f"finished in {result['seconds'] / 60:.1f} min; tables and plots in {out}/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,8 +325,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="architecture option, e.g. width=64 (repeatable)",
     )
     _add_recipe_args(p, Recipe())
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=1, help="checkpoint every k epochs")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--track", action="store_true", help="evaluate OOD metrics at every save")
@@ -241,6 +333,81 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_data_args(p)
     p.set_defaults(func=cmd_pretrain)
+
+    from unleash_ood.method.finetune import FINETUNE_RECIPE, METHODS, FinetuneSpec
+
+    d = FinetuneSpec()
+    p = sub.add_parser("finetune", help="fine-tune a trained model with UM, UMAP or plain CE")
+    p.add_argument(
+        "--from",
+        dest="from_",
+        required=True,
+        metavar="CKPT",
+        help="well-trained checkpoint to start from",
+    )
+    p.add_argument(
+        "--method",
+        default=d.method,
+        choices=METHODS,
+        help="um (loss constraint), umap (learned mask + constraint), ce (control)",
+    )
+    p.add_argument(
+        "--xi",
+        default=d.xi,
+        help="loss constraint: estimate (random-mask estimate), validate (grid on "
+        "OOD validation data) or a number",
+    )
+    p.add_argument(
+        "--n-masks", type=int, default=d.n_masks, help="random masks averaged for --xi estimate"
+    )
+    p.add_argument(
+        "--mask-fraction",
+        type=float,
+        default=d.mask_fraction,
+        help="fraction of weights zeroed per layer for the estimate",
+    )
+    p.add_argument(
+        "--xi-grid",
+        default=",".join(map(str, d.xi_grid)),
+        help="multiples of the estimate tried by --xi validate",
+    )
+    p.add_argument(
+        "--keep", type=float, default=d.keep, help="UMAP: fraction of weights kept per layer"
+    )
+    p.add_argument(
+        "--train-weights",
+        action="store_true",
+        help="UMAP: train the weights as well as the mask scores",
+    )
+    _add_recipe_args(p, FINETUNE_RECIPE)
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--track", action="store_true", help="evaluate OOD metrics at every save")
+    _add_track_args(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("atypical", help="rank training samples by how atypical they are")
+    p.add_argument("--from", dest="from_", required=True, metavar="CKPT")
+    p.add_argument("--out", required=True, help="folder for atypical.csv and atypical.png")
+    p.add_argument("--n-masks", type=int, default=5, help="random masks averaged")
+    p.add_argument(
+        "--mask-fraction", type=float, default=0.035, help="fraction of weights zeroed per layer"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_atypical)
+
+    p = sub.add_parser("demo", help="UM, UMAP and the CE control on the embedded benchmark")
+    p.add_argument("--out", default=None, help="run directory (default: unleash-demo-<time>)")
+    p.add_argument("--quick", action="store_true", help="a 1-2 minute version")
+    p.add_argument("--data-dir", default=None, help="folder holding Fashion-MNIST")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("track", help="OOD metrics of every saved epoch of a training run")
     p.add_argument("out", metavar="RUN", help="run directory written by 'unleash pretrain'")

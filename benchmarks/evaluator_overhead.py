@@ -1,0 +1,61 @@
+"""Evaluator cost relative to one plain forward pass over the same data.
+
+    python benchmarks/evaluator_overhead.py [--checkpoint CKPT] [--repeats 3]
+
+Both sides see the same images (the ID training split that fitted scorers need, the ID test
+split and every OOD test set) in the same channels-last batches, so the ratio isolates what the
+evaluator adds: gathering features, fitting and applying every non-gradient scorer and the
+metrics. ODIN is left out: it needs a backward pass per batch by design. Target <= 1.25.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from _common import benchmark_model, best_of
+
+from unleash_ood.data import load_benchmark
+from unleash_ood.device import prepare_model, to_device
+from unleash_ood.evaluate import evaluate
+from unleash_ood.scores import SCORERS, make_scorer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", default=None)
+    p.add_argument("--benchmark", default="fmnist")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+
+    bench = load_benchmark(args.benchmark)
+    model = prepare_model(benchmark_model(bench, args.checkpoint), torch.device("cpu")).eval()
+    datasets = [bench.id_train, bench.id_test, *bench.ood_test.values()]
+    names = [n for n, cls in SCORERS.items() if not cls.needs_model]
+
+    @torch.inference_mode()
+    def plain_forward() -> None:
+        for data in datasets:
+            for x, _ in data.batches(args.batch_size):
+                model(to_device(x, torch.device("cpu")))
+
+    def evaluator() -> None:
+        evaluate(
+            model,
+            bench,
+            [make_scorer(n) for n in names],
+            device="cpu",
+            batch_size=args.batch_size,
+            progress=False,
+        )
+
+    t = best_of({"forward": plain_forward, "evaluate": evaluator}, args.repeats)
+    n_images = sum(map(len, datasets))
+    print(f"images: {n_images:,}; scorers: {', '.join(names)}")
+    print(f"plain forward pass: {t['forward']:.2f} s; evaluator: {t['evaluate']:.2f} s")
+    print(f"ratio evaluator / forward: {t['evaluate'] / t['forward']:.3f} (target <= 1.25)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Unleashing Mask: the loss constraint, the xi estimate, fine-tuning, atypical samples, demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from unleash_ood.checkpoint import load_checkpoint
+from unleash_ood.cli import main
+from unleash_ood.method.constraint import (
+    UMObjective,
+    estimate_loss_constraint,
+    masked_copy,
+    mean_train_loss,
+    um_loss,
+)
+from unleash_ood.models import create_model
+
+COMMON = ["--device", "cpu", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    ("ce", "xi", "value", "grad"),
+    [
+        (0.9, 0.5, 0.9, 1.0),  # above xi: plain CE, descent
+        (0.2, 0.5, 0.8, -1.0),  # below xi: |0.2 - 0.5| + 0.5, ascent
+    ],
+)
+def test_um_loss_value_and_gradient_sign(ce, xi, value, grad) -> None:
+    t = torch.tensor(ce, requires_grad=True)
+    loss = um_loss(t, xi)
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(value)
+    assert float(t.grad) == grad
+
+
+def test_um_objective_flips_the_cross_entropy_gradient() -> None:
+    """Below xi, one UM step is one CE step with the sign reversed."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    ce = torch.nn.functional.cross_entropy(model(x), y)
+    (g_ce,) = torch.autograd.grad(ce, model.weight)
+    loss, _ = UMObjective(xi=float(ce) + 1.0)(model, x, y)
+    (g_um,) = torch.autograd.grad(loss, model.weight)
+    assert torch.allclose(g_um, -g_ce)
+    loss, _ = UMObjective(xi=float(ce) - 0.1)(model, x, y)
+    (g_above,) = torch.autograd.grad(loss, model.weight)
+    assert torch.allclose(g_above, g_ce)
+
+
+def test_masked_copy_zeroes_the_fraction_of_every_layer() -> None:
+    torch.manual_seed(0)
+    model = create_model("cnn", 10, 1, width=4)
+    masked = masked_copy(model, 0.25, torch.Generator().manual_seed(1))
+    for (name, a), (_, b) in zip(model.named_modules(), masked.named_modules(), strict=True):
+        if isinstance(a, torch.nn.Conv2d | torch.nn.Linear):
+            zeroed = int(((a.weight != 0) & (b.weight == 0)).sum())
+            assert zeroed == round(0.25 * a.weight.numel()), name
+            assert torch.equal(a.weight[b.weight != 0], b.weight[b.weight != 0])
+    assert all(
+        torch.equal(p, q) for p, q in zip(model.parameters(), model.parameters(), strict=True)
+    )
+
+
+def test_estimate_is_seeded_and_above_the_models_loss(tiny_benchmark, tiny_checkpoint) -> None:
+    model, _ = load_checkpoint(tiny_checkpoint)
+    data = tiny_benchmark.id_train
+    a = estimate_loss_constraint(model, data, mask_fraction=0.2, seed=3, n_masks=3)
+    b = estimate_loss_constraint(model, data, mask_fraction=0.2, seed=3, n_masks=3)
+    assert a == b and len(a.per_mask) == 3 and a.spread > 0
+    assert a.train_loss == pytest.approx(mean_train_loss(model, data, "flip", 3, "cpu"))
+    assert a.xi > a.train_loss and not a.is_noop
+
+
+def _finetune(fmnist_dir, ckpt, out, *extra) -> list[str]:
+    return [
+        "finetune",
+        "--from",
+        str(ckpt),
+        "--data-dir",
+        str(fmnist_dir),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--out",
+        str(out),
+        *COMMON,
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("method", ["ce", "um", "umap"])
+def test_finetune_command(capsys, fmnist_dir, tiny_checkpoint, tmp_path, method) -> None:
+    out = tmp_path / method
+    code = main(_finetune(fmnist_dir, tiny_checkpoint, out, "--method", method, "--n-masks", "2"))
+    assert code == 0, capsys.readouterr().err
+    xi = json.loads((out / "xi.json").read_text())
+    assert (xi["xi"] is None) == (method == "ce")
+    final, meta = load_checkpoint(out / "checkpoints" / "final")
+    assert meta["finetune"]["method"] == method
+    start, _ = load_checkpoint(tiny_checkpoint)
+    assert not torch.equal(final.head.weight, start.head.weight)
+
+
+def test_finetune_refuses_a_noop_constraint(capsys, fmnist_dir, tiny_checkpoint, tmp_path) -> None:
+    out = tmp_path / "noop"
+    code = main(_finetune(fmnist_dir, tiny_checkpoint, out, "--method", "um", "--xi", "0.0001"))
+    err = capsys.readouterr().err
+    assert code == 2 and "UM would train exactly like --method ce" in err
+    assert not out.exists()
+
+
+def test_finetune_rejects_bad_xi(capsys, fmnist_dir, tiny_checkpoint, tmp_path) -> None:
+    assert main(_finetune(fmnist_dir, tiny_checkpoint, tmp_path / "x", "--xi", "big")) == 2
+    assert "--xi takes estimate, validate or a number" in capsys.readouterr().err
+
+
+def test_atypical_command(capsys, fmnist_dir, tiny_checkpoint, tmp_path) -> None:
+    out = tmp_path / "atyp"
+    code = main(
+        [
+            "atypical",
+            "--from",
+            str(tiny_checkpoint),
+            "--data-dir",
+            str(fmnist_dir),
+            "--out",
+            str(out),
+            "--n-masks",
+            "2",
+            "--mask-fraction",
+            "0.2",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    lines = (out / "atypical.csv").read_text().splitlines()
+    assert lines[0] == "rank,index,label,prediction,loss,masked_loss,delta"
+    deltas = [float(line.split(",")[-1]) for line in lines[1:]]
+    assert deltas == sorted(deltas, reverse=True)
+    assert (out / "atypical.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_runs_end_to_end(capsys, monkeypatch, fmnist_dir, tiny_checkpoint, tmp_path) -> None:
+    from unleash_ood import demo
+
+    monkeypatch.setattr(demo, "shipped_checkpoint", lambda: tiny_checkpoint)
+    monkeypatch.setattr(
+        demo.DemoPlan,
+        "quick",
+        classmethod(lambda cls: cls(epochs=1, train_images=600, n_masks=2, scorers="msp,energy")),
+    )
+    out = tmp_path / "demo"
+    code = main(["demo", "--quick", "--out", str(out), "--data-dir", str(fmnist_dir), *COMMON])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert "| umap | energy |" in printed and "| base | all |" in printed
+    result = json.loads((out / "demo.json").read_text())
+    assert set(result["evaluations"]) == {"base", "ce", "um", "umap"}
+    assert (out / "comparison.png").exists() and (out / "umap" / "sparsity.json").exists()
+    assert main(["demo", "--out", str(out), *COMMON]) == 2  # never overwrites a finished demo
