@@ -212,7 +212,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
-    from unleash_ood.method.finetune import FinetuneSpec, finetune
+    from unleash_ood.method.finetune import FinetuneSpec, finetune, finetune_recipe
 
     start = read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
     spec = FinetuneSpec(
@@ -225,6 +225,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         xi_grid=tuple(float(v) for v in args.xi_grid.split(",")),
     )
     spec.check()
+    if args.lr is None:
+        args.lr = finetune_recipe(args.method).lr
     recipe = _recipe_from(
         args, model=start["architecture"], model_kwargs=start.get("model_kwargs", {})
     )
@@ -293,6 +295,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"finished in {result['seconds'] / 60:.1f} min; tables and plots in {out}/")
 
 
+def _add_training_run_args(p: argparse.ArgumentParser) -> None:
+    """Run directory, resume, tracking, device and data flags of the training commands."""
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--track", action="store_true", help="evaluate OOD metrics at every save")
+    _add_track_args(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unleash", description="OOD detection for image classifiers (Unleashing Mask)."
@@ -325,13 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="architecture option, e.g. width=64 (repeatable)",
     )
     _add_recipe_args(p, Recipe())
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--track", action="store_true", help="evaluate OOD metrics at every save")
-    _add_track_args(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_data_args(p)
+    _add_training_run_args(p)
     p.set_defaults(func=cmd_pretrain)
 
     from unleash_ood.method.finetune import FINETUNE_RECIPE, METHODS, FinetuneSpec
@@ -380,13 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="UMAP: train the weights as well as the mask scores",
     )
     _add_recipe_args(p, FINETUNE_RECIPE)
-    p.add_argument("--out", required=True, help="run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--track", action="store_true", help="evaluate OOD metrics at every save")
-    _add_track_args(p)
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _add_data_args(p)
+    p.set_defaults(lr=None)  # resolved per method: see finetune_recipe
+    _add_training_run_args(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("atypical", help="rank training samples by how atypical they are")

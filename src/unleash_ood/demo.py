@@ -18,7 +18,7 @@ from unleash_ood.data import load_benchmark
 from unleash_ood.data.base import Benchmark
 from unleash_ood.evaluate import Evaluation, evaluate
 from unleash_ood.method.constraint import estimate_loss_constraint
-from unleash_ood.method.finetune import FINETUNE_RECIPE, FinetuneSpec, noop_error, run_finetune
+from unleash_ood.method.finetune import FinetuneSpec, finetune_recipe, noop_error, run_finetune
 from unleash_ood.metrics import METRIC_NAMES
 from unleash_ood.report import LEGEND, markdown_table, plot_histograms, save_figure
 
@@ -111,7 +111,7 @@ def run_demo(
     t0 = time.perf_counter()
     bench = _with_subset(load_benchmark("fmnist", data_dir), plan.train_images)
     start = shipped_checkpoint()
-    recipe = replace(FINETUNE_RECIPE, epochs=plan.epochs)
+    recipe = finetune_recipe("um", epochs=plan.epochs)
     base, _ = load_checkpoint(start, device, bench.num_classes, bench.image_shape)
 
     log("estimating the loss constraint xi ...")

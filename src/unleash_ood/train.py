@@ -224,12 +224,6 @@ class Trainer:
         self.start_epoch = meta["epoch"]
         load_train_state(self.ckpt_dir, self.start_epoch, self.model, self.opt)
 
-    def _reduce(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.dist.world > 1:
-            dist.all_reduce(t)
-        return t.tolist()
-
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         r, d = self.recipe, self.dist
         for group in self.opt.param_groups:
@@ -237,7 +231,8 @@ class Trainer:
         g = epoch_generator(r.seed, epoch)
         torch.manual_seed(r.seed * 100_003 + epoch)  # dropout and other global-RNG layers
         self.net.train()
-        loss_sum = correct = count = 0.0
+        # Running sums stay on the device: reading them every step would stall a GPU.
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
         n_batches = len(self.train_set) // r.batch_size
         bar = tqdm(
             global_batches(len(self.train_set), r.batch_size, g),
@@ -246,7 +241,7 @@ class Trainer:
             leave=False,
             disable=not (self.progress and d.main),
         )
-        for idx in bar:
+        for step, idx in enumerate(bar):
             x, y = self.train_set.__getitems__(idx)
             x = augment(x, r.augment, g, padding=x.shape[-1] // 8)[d.rank :: d.world]
             x = to_device(x, self.device)
@@ -255,11 +250,19 @@ class Trainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
-            loss_sum += float(loss.detach()) * y.numel()
-            correct += float((logits.argmax(1) == y).sum())
-            count += y.numel()
-            bar.set_postfix(loss=f"{loss_sum / count:.4f}", acc=f"{correct / count:.3f}")
-        loss_sum, correct, count = self._reduce([loss_sum, correct, count])
+            sums += torch.stack(
+                [
+                    loss.detach() * y.numel(),
+                    (logits.argmax(1) == y).sum(),
+                    torch.tensor(y.numel(), device=self.device),
+                ]
+            ).double()
+            if step % 25 == 0 and not bar.disable:
+                s = sums.tolist()
+                bar.set_postfix(loss=f"{s[0] / s[2]:.4f}", acc=f"{s[1] / s[2]:.3f}")
+        if self.dist.world > 1:
+            dist.all_reduce(sums)
+        loss_sum, correct, count = sums.tolist()
         return loss_sum / count, correct / count
 
     def fit(self) -> list[EpochStats]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,15 @@ METHODS = ("um", "umap", "ce")
 FINETUNE_RECIPE = Recipe(
     epochs=10, batch_size=256, lr=0.01, weight_decay=1e-4, schedule="cosine", augment="flip"
 )
+# UMAP trains only mask scores, which start random (kaiming-uniform, as edge-popup and the
+# official code): they need the official lr 0.1 to move far enough within a short fine-tune.
+UMAP_LR = 0.1
+
+
+def finetune_recipe(method: str, **changes) -> Recipe:
+    """The default fine-tuning recipe of ``method``, with ``changes`` applied."""
+    base = replace(FINETUNE_RECIPE, lr=UMAP_LR) if method == "umap" else FINETUNE_RECIPE
+    return replace(base, **changes)
 
 
 @dataclass
@@ -166,6 +175,20 @@ def run_finetune(
     return final
 
 
+def _estimate(
+    model, benchmark: Benchmark, spec: FinetuneSpec, recipe: Recipe, device: torch.device
+) -> XiEstimate:
+    return estimate_loss_constraint(
+        model,
+        benchmark.id_train,
+        spec.mask_fraction,
+        recipe.seed,
+        spec.n_masks,
+        recipe.augment,
+        device,
+    )
+
+
 def choose_xi(
     benchmark: Benchmark,
     start: Path,
@@ -178,19 +201,11 @@ def choose_xi(
     """Resolve ``spec.xi`` to a number, refusing values at which UM would do nothing."""
     if spec.method == "ce":
         return XiChoice("none", None)
-    if spec.xi == "validate":
-        return validate_xi(benchmark, start, spec, recipe, out, device, progress)
     model, _ = load_checkpoint(start, device, benchmark.num_classes, benchmark.image_shape)
+    if spec.xi == "validate":
+        return validate_xi(model, benchmark, start, spec, recipe, out, device, progress)
     if spec.xi == "estimate":
-        est = estimate_loss_constraint(
-            model,
-            benchmark.id_train,
-            spec.mask_fraction,
-            recipe.seed,
-            spec.n_masks,
-            recipe.augment,
-            device,
-        )
+        est = _estimate(model, benchmark, spec, recipe, device)
         choice = XiChoice("estimate", est.xi, est.train_loss, est.to_dict())
     else:
         loss = mean_train_loss(model, benchmark.id_train, recipe.augment, recipe.seed, device)
@@ -201,6 +216,7 @@ def choose_xi(
 
 
 def validate_xi(
+    model,
     benchmark: Benchmark,
     start: Path,
     spec: FinetuneSpec,
@@ -212,16 +228,7 @@ def validate_xi(
     """Fine-tune once per candidate xi (multiples of the random-mask estimate) and keep the one
     with the best mean Energy AUROC on the OOD *validation* sets among candidates whose ID
     validation accuracy stays within ``acc_tolerance`` of the starting model's."""
-    model, _ = load_checkpoint(start, device, benchmark.num_classes, benchmark.image_shape)
-    est: XiEstimate = estimate_loss_constraint(
-        model,
-        benchmark.id_train,
-        spec.mask_fraction,
-        recipe.seed,
-        spec.n_masks,
-        recipe.augment,
-        device,
-    )
+    est = _estimate(model, benchmark, spec, recipe, device)
     base_acc = evaluate(
         model, benchmark, "energy", splits=("val",), device=device, progress=False
     ).accuracy["id_val"]
