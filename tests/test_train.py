@@ -125,9 +125,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(fmnist_dir, tmp_path) ->
     subprocess.run(_pretrain_cmd(fmnist_dir, whole, epochs), check=True, env=env_for(fmnist_dir))
 
     proc = subprocess.Popen(_pretrain_cmd(fmnist_dir, killed, epochs), env=env_for(fmnist_dir))
-    marker = killed / "checkpoints" / "epoch_002.json"
+    last = killed / "checkpoints" / "last.json"
     deadline = time.monotonic() + 120
-    while not marker.exists() and time.monotonic() < deadline and proc.poll() is None:
+    while time.monotonic() < deadline and proc.poll() is None:
+        if last.exists() and json.loads(last.read_text())["epoch"] >= 2:
+            break  # epoch 3 has just begun: kill it part-way through
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
