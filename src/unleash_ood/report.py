@@ -117,7 +117,7 @@ def plot_histograms(ev: Evaluation, path: Path, split: str = "test") -> None:
             hi = max(scores["id"].max(), scores[name].max())
             bins = 50 if hi > lo else 1
             ax.hist(scores["id"], bins=bins, range=(lo, hi), alpha=0.55, density=True, label="ID")
-            ax.hist(scores[name], bins=bins, range=(lo, hi), alpha=0.55, density=True, label=name)
+            ax.hist(scores[name], bins=bins, range=(lo, hi), alpha=0.55, density=True, label="OOD")
             ax.set_yticks([])
             ax.tick_params(labelsize=6)
             if i == 0:
@@ -125,8 +125,8 @@ def plot_histograms(ev: Evaluation, path: Path, split: str = "test") -> None:
             if j == 0:
                 ax.set_ylabel(scorer, fontsize=8)
     axes[0, 0].legend(fontsize=6)
-    fig.suptitle(f"{ev.benchmark}: score histograms, ID ({split}) vs OOD", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(f"{ev.benchmark}: score histograms, ID ({split}) vs each OOD set", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     save_figure(fig, path)
 
 
