@@ -47,12 +47,9 @@ def masked_copy(model: nn.Module, fraction: float, generator: torch.Generator) -
     with torch.no_grad():
         for m in masked.modules():
             if isinstance(m, nn.Conv2d | nn.Linear):
-                keep = torch.ones(m.weight.numel())
-                keep[
-                    torch.randperm(keep.numel(), generator=generator)[
-                        : round(fraction * keep.numel())
-                    ]
-                ] = 0
+                n = m.weight.numel()
+                keep = torch.ones(n)
+                keep[torch.randperm(n, generator=generator)[: round(fraction * n)]] = 0
                 m.weight.mul_(keep.view(m.weight.shape).to(m.weight.device))
     return masked
 

@@ -96,7 +96,7 @@ def noop_error(xi: float, train_loss: float) -> UserError:
     )
 
 
-def prepare_model(model: torch.nn.Module, spec: FinetuneSpec, seed: int) -> torch.nn.Module:
+def with_method_layers(model: torch.nn.Module, spec: FinetuneSpec, seed: int) -> torch.nn.Module:
     """UMAP wraps every conv/linear layer in a learnable mask; UM and CE train all weights."""
     if spec.method != "umap":
         return model
@@ -122,7 +122,7 @@ def run_finetune(
     model, meta = load_checkpoint(start, device, benchmark.num_classes, benchmark.image_shape)
     dense_spec = spec_of(meta)
     torch.manual_seed(recipe.seed)
-    model = prepare_model(model, spec, recipe.seed)
+    model = with_method_layers(model, spec, recipe.seed)
     umap = (
         {"keep": spec.keep, "train_weights": spec.train_weights} if spec.method == "umap" else None
     )
