@@ -132,7 +132,7 @@ def run_demo(
             bench,
             start,
             FinetuneSpec(method=method),
-            recipe,
+            finetune_recipe(method, epochs=plan.epochs),
             out / method,
             device,
             xi,
@@ -163,7 +163,8 @@ def demo_markdown(evals: dict[str, Evaluation], result: dict) -> str:
             "",
             f"xi = {xi['xi']:.4f} (random-mask estimate, {len(xi['per_mask'])} masks, spread "
             f"{xi['spread']:.4f}); model's training loss {xi['train_loss']:.4f}. "
-            f"{result['recipe']['epochs']} fine-tuning epoch(s), lr {result['recipe']['lr']}.",
+            f"{result['recipe']['epochs']} fine-tuning epoch(s), lr {result['recipe']['lr']} "
+            f"(UMAP's mask scores: {finetune_recipe('umap').lr}).",
             "",
             "## Mean over OOD test sets (noise excluded; `all` = mean over every scorer)",
             "",
