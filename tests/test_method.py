@@ -164,3 +164,18 @@ def test_demo_runs_end_to_end(capsys, monkeypatch, fmnist_dir, tiny_checkpoint, 
     assert set(result["evaluations"]) == {"base", "ce", "um", "umap"}
     assert (out / "comparison.png").exists() and (out / "umap" / "sparsity.json").exists()
     assert main(["demo", "--out", str(out), *COMMON]) == 2  # never overwrites a finished demo
+
+
+def test_finetune_validate_picks_xi_on_validation_data(
+    capsys, fmnist_dir, tiny_checkpoint, tmp_path
+) -> None:
+    out = tmp_path / "validate"
+    args = ["--method", "um", "--xi", "validate", "--xi-grid", "1,2", "--n-masks", "2"]
+    code = main(_finetune(fmnist_dir, tiny_checkpoint, out, *args))
+    assert code == 0, capsys.readouterr().err
+    choice = json.loads((out / "xi.json").read_text())
+    assert choice["source"] == "validate" and len(choice["grid"]) == 2
+    assert choice["xi"] in [g["xi"] for g in choice["grid"]]
+    assert all(0 <= g["val_auroc"] <= 1 for g in choice["grid"])
+    _, meta = load_checkpoint(out / "checkpoints" / "final")
+    assert meta["finetune"]["xi"] == choice["xi"]
