@@ -45,7 +45,7 @@ class ImageSet(Dataset):
         return self.images[i].float().div_(255), self.labels[i]
 
     def __getitems__(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Batched fetch: one gather instead of a Python loop (see :func:`collate_batch`)."""
+        """Batched fetch (a DataLoader uses it when present): one gather, not a Python loop."""
         index = torch.as_tensor(idx, dtype=torch.int64)
         return self.images[index].float().div_(255), self.labels[index]
 
@@ -65,11 +65,6 @@ class ImageSet(Dataset):
 
     def __repr__(self) -> str:
         return f"ImageSet({self.name!r}, n={len(self)}, shape={self.shape})"
-
-
-def collate_batch(batch):
-    """DataLoader collate for :class:`ImageSet`'s batched ``__getitems__``: already a batch."""
-    return batch
 
 
 @dataclass
@@ -130,16 +125,6 @@ def cache_dir() -> Path:
         return Path(os.environ["UNLEASH_CACHE"]).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser()
     return base / "unleash-ood"
-
-
-def find_first(roots: Sequence[Path], candidates: Sequence[str]) -> Path | None:
-    """The first ``root/candidate`` that exists."""
-    for root in roots:
-        for c in candidates:
-            p = root / c
-            if p.exists():
-                return p
-    return None
 
 
 def missing_data_error(
