@@ -36,6 +36,8 @@ from unleash_ood.models import Classifier
 SCHEDULES = ("cosine", "step", "constant")
 
 # An objective maps (model, images, labels) to (loss, logits); cross-entropy is the default.
+# It may also define ``start_epoch(epoch, model, rank, world)``, called before every epoch, and
+# ``state_dict()`` / ``load_state_dict(state, model)`` for what ``--resume`` must restore.
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -121,15 +123,22 @@ def _state_path(ckpt_dir: Path, epoch: int) -> Path:
 
 
 def save_train_state(
-    ckpt_dir: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer
+    ckpt_dir: Path,
+    epoch: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    objective_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """SGD momentum buffers by parameter name, for ``--resume``; older states are removed."""
+    """SGD momentum buffers by parameter name and the objective's own state (e.g. POEM's
+    outlier buffer), for ``--resume``; older states are removed."""
     names = {p: n for n, p in model.named_parameters()}
     tensors = {
         f"momentum/{names[p]}": s["momentum_buffer"].detach().cpu().contiguous()
         for p, s in opt.state.items()
         if s.get("momentum_buffer") is not None
     }
+    for key, t in (objective_state or {}).items():
+        tensors[f"objective/{key}"] = t.detach().cpu().contiguous()
     path = _state_path(ckpt_dir, epoch)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
@@ -141,7 +150,8 @@ def save_train_state(
 
 def load_train_state(
     ckpt_dir: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer
-) -> None:
+) -> dict[str, torch.Tensor]:
+    """Restore the momentum buffers; returns the objective's saved state."""
     path = _state_path(ckpt_dir, epoch)
     if not path.exists():
         raise UserError(
@@ -151,6 +161,8 @@ def load_train_state(
     for name, p in model.named_parameters():
         if f"momentum/{name}" in tensors:
             opt.state[p]["momentum_buffer"] = tensors[f"momentum/{name}"].to(p.device)
+    prefix = "objective/"
+    return {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
 
 
 @dataclass
@@ -222,7 +234,9 @@ class Trainer:
         state = load_file(str(last) + ".safetensors")
         self.model.load_state_dict(state)
         self.start_epoch = meta["epoch"]
-        load_train_state(self.ckpt_dir, self.start_epoch, self.model, self.opt)
+        state = load_train_state(self.ckpt_dir, self.start_epoch, self.model, self.opt)
+        if hasattr(self.objective, "load_state_dict"):
+            self.objective.load_state_dict(state, self.model)
 
     def train_epoch(self, epoch: int) -> tuple[float, float]:
         r, d = self.recipe, self.dist
@@ -230,6 +244,8 @@ class Trainer:
             group["lr"] = r.lr_at(epoch)
         g = epoch_generator(r.seed, epoch)
         torch.manual_seed(r.seed * 100_003 + epoch)  # dropout and other global-RNG layers
+        if hasattr(self.objective, "start_epoch"):  # e.g. POEM re-selects its outliers
+            self.objective.start_epoch(epoch, self.model, d.rank, d.world)
         self.net.train()
         # Running sums stay on the device: reading them every step would stall a GPU.
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
@@ -246,8 +262,9 @@ class Trainer:
             x = augment(x, r.augment, g, padding=x.shape[-1] // 8)[d.rank :: d.world]
             x = to_device(x, self.device)
             y = y[d.rank :: d.world].to(self.device, non_blocking=True)
-            loss, logits = self.objective(self.net, x, y)
+            # Gradients are cleared first: an objective may accumulate some itself (DOE).
             self.opt.zero_grad(set_to_none=True)
+            loss, logits = self.objective(self.net, x, y)
             loss.backward()
             self.opt.step()
             sums += torch.stack(
@@ -296,7 +313,8 @@ class Trainer:
             **self.extra_meta,
         }
         save_checkpoint(self.ckpt_dir / f"epoch_{stats.epoch:03d}", self.model, self.spec, **meta)
-        save_train_state(self.ckpt_dir, stats.epoch, self.model, self.opt)
+        objective_state = getattr(self.objective, "state_dict", dict)()
+        save_train_state(self.ckpt_dir, stats.epoch, self.model, self.opt, objective_state)
         save_checkpoint(self.ckpt_dir / "last", self.model, self.spec, **meta)
 
     def log(self, s: EpochStats) -> None:
