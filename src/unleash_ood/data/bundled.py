@@ -9,6 +9,7 @@ outliers used for outlier exposure:
 * Textures (scikit-image brick, grass, gravel, 512x512): rows 0-383 for test, 384-511 for
   validation.
 * Photographs (scikit-image, scikit-learn): disjoint photos for test, validation and auxiliary.
+* Faces (scikit-image's 200 LFW crops): auxiliary outliers only.
 * Letters (glyphs rendered from matplotlib's bundled fonts, notMNIST-like): disjoint font
   families for test and validation.
 """
@@ -32,7 +33,16 @@ INSTALL_HINT = "install the package dependencies: pip install unleash-ood"
 
 PHOTOS_TEST = ("astronaut", "camera", "chelsea", "coffee", "rocket", "hubble_deep_field")
 PHOTOS_VAL = ("sklearn:china.jpg", "sklearn:flower.jpg", "moon", "coins")
-PHOTOS_AUX = ("retina", "immunohistochemistry", "page", "text", "clock", "cell", "horse")
+PHOTOS_AUX = (
+    "retina",
+    "immunohistochemistry",
+    "page",
+    "text",
+    "clock",
+    "cell",
+    "horse",
+    "microaneurysms",
+)
 TEXTURES = ("brick", "grass", "gravel")
 TEXTURE_SPLIT_ROW = 384
 FONTS_TEST = (
@@ -152,6 +162,23 @@ def digits_8x8() -> np.ndarray:
     )
     x = F.pad(x, (4, 4, 4, 4))
     return x.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+
+
+def faces() -> np.ndarray:
+    """scikit-image's 200 LFW crops (100 faces, 100 non-faces), 25x25 scaled to 28x28."""
+    try:
+        import skimage.data
+    except ImportError as e:
+        raise UserError(f"scikit-image is missing; {INSTALL_HINT}") from e
+    x = torch.from_numpy(skimage.data.lfw_subset()).float()[:, None] * 255
+    y = F.interpolate(x, size=(28, 28), mode="bilinear", align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+
+
+def auxiliary_outliers(n_photo_crops: int, seed: int) -> np.ndarray:
+    """Outliers for outlier-exposure training: crops of photographs used by no OOD test or
+    validation set, plus the LFW crops (no set of the suite holds faces)."""
+    return np.concatenate([photos(PHOTOS_AUX, n_photo_crops, seed), faces()])
 
 
 def noise(n: int, seed: int, size: int = 28) -> np.ndarray:
@@ -305,3 +332,12 @@ VAL_SETS = {
         ),
     ]
 }
+AUX_PHOTO_CROPS = 10_000
+AUX_SET = BundledSet(
+    "outliers",
+    "aux",
+    f"crops of {len(PHOTOS_AUX)} photographs kept apart from the OOD sets, and 200 LFW crops",
+    AUX_PHOTO_CROPS + 200,
+    "skimage",
+    lambda: auxiliary_outliers(AUX_PHOTO_CROPS, seed=31),
+)

@@ -1,0 +1,123 @@
+"""Auxiliary outliers for outlier-exposure training, from wherever a user keeps them.
+
+``--aux`` names one source:
+
+* ``bundled``: the embedded suite's own outliers (photographs no OOD set uses, and faces);
+* a ``.npy`` file of uint8 images, ``(N, H, W)``, ``(N, H, W, C)`` or ``(N, C, H, W)``;
+* a folder of downsampled-ImageNet batches, the format the POEM setting calls "ImageNet-RC"
+  (Chrabaszcz et al. 2017: pickles or ``.npz`` files named ``*data_batch_*`` holding ``data``,
+  ``N x 3*S*S`` uint8 rows laid out R-plane, G-plane, B-plane);
+* any other folder: every image file under it.
+
+A run keeps a seeded subset of ``limit`` images (the paper draws 50k per run), converted to the
+benchmark's channels and size. The ImageNet batches (1.28M images) are streamed file by file,
+keeping the ``limit`` rows with the smallest random keys, so memory stays near one batch file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unleash_ood.data.base import ImageSet, to_format
+from unleash_ood.data.bundled import AUX_SET
+from unleash_ood.data.formats import list_images, load_image_folder, load_pickle
+from unleash_ood.errors import UserError
+
+BUNDLED = "bundled"
+BATCH_GLOB = "*data_batch_*"
+HOW = (
+    "pass --aux bundled, a .npy file of uint8 images, a folder of images, or a folder of "
+    "downsampled-ImageNet batch files"
+)
+
+
+def _seeded_subset(n: int, limit: int | None, seed: int) -> np.ndarray:
+    if limit is None or n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).permutation(n)[:limit])
+
+
+def read_npy_images(path: Path) -> np.ndarray:
+    """A ``.npy`` array of uint8 images; never unpickles."""
+    try:
+        array = np.load(path, allow_pickle=False, mmap_mode="r")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not a readable .npy array ({e}); {HOW}") from None
+    if array.dtype != np.uint8 or array.ndim not in (3, 4):
+        raise UserError(
+            f"{path}: expected uint8 images (N, H, W[, C]) or (N, C, H, W), got "
+            f"{array.dtype} {array.shape}; save them as uint8 0-255"
+        )
+    return array
+
+
+def read_imagenet_batch(path: Path) -> np.ndarray:
+    """One downsampled-ImageNet batch file as uint8 ``(N, 3, S, S)``."""
+    if path.suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = z["data"]
+        except (OSError, ValueError, KeyError) as e:
+            raise UserError(f"{path}: not a downsampled-ImageNet .npz ({e}); {HOW}") from None
+    else:
+        batch = load_pickle(path)
+        data = batch.get("data", batch.get(b"data")) if isinstance(batch, dict) else None
+        if data is None:
+            raise UserError(f"{path}: no 'data' array in this batch file; {HOW}")
+    data = np.asarray(data)
+    side = round((data.shape[-1] / 3) ** 0.5) if data.ndim == 2 else 0
+    if data.dtype != np.uint8 or side == 0 or 3 * side * side != data.shape[-1]:
+        raise UserError(
+            f"{path}: 'data' must be uint8 rows of 3*S*S pixels, got {data.dtype} "
+            f"{data.shape}; {HOW}"
+        )
+    return data.reshape(-1, 3, side, side)
+
+
+def read_imagenet_batches(
+    files: list[Path], limit: int | None, seed: int, size: int, channels: int
+) -> torch.Tensor:
+    """A uniform random subset of ``limit`` rows over all batch files, read one at a time."""
+    rng = np.random.default_rng(seed)
+    keys = np.empty(0)
+    kept = torch.empty(0, channels, size, size, dtype=torch.uint8)
+    for path in files:
+        data = read_imagenet_batch(path)
+        k = rng.random(len(data))
+        if limit is not None and len(keys) + len(k) > limit:
+            # The limit smallest keys over everything seen so far are a uniform sample.
+            threshold = np.partition(np.concatenate([keys, k]), limit - 1)[limit - 1]
+            old, new = keys <= threshold, k <= threshold
+        else:
+            old, new = np.ones(len(keys), bool), np.ones(len(k), bool)
+        keys = np.concatenate([keys[old], k[new]])
+        kept = torch.cat([kept[torch.from_numpy(old)], to_format(data[new], size, channels)])
+    return kept
+
+
+def load_aux(
+    source: str, size: int, channels: int, limit: int | None = None, seed: int = 0
+) -> ImageSet:
+    """The auxiliary outliers named by ``source`` (see the module docstring), ``limit`` of them."""
+    if source == BUNDLED:
+        images = to_format(AUX_SET.load(), size, channels)
+        return ImageSet("aux-bundled", images[_seeded_subset(len(images), limit, seed)])
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"auxiliary outliers {source!r}: no such file or folder; {HOW}")
+    if path.is_file():
+        if path.suffix != ".npy":
+            raise UserError(f"{path}: unknown auxiliary file type {path.suffix!r}; {HOW}")
+        array = read_npy_images(path)
+        index = _seeded_subset(len(array), limit, seed)
+        return ImageSet(f"aux-{path.stem}", to_format(np.asarray(array[index]), size, channels))
+    batches = sorted(p for p in path.glob(BATCH_GLOB) if p.is_file())
+    if batches:
+        images = read_imagenet_batches(batches, limit, seed, size, channels)
+        return ImageSet(f"aux-{path.name}", images)
+    if not list_images(path):
+        raise UserError(f"{path}: holds neither image files nor ImageNet batch files; {HOW}")
+    return ImageSet(f"aux-{path.name}", load_image_folder(path, size, channels, limit, seed))
