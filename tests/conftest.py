@@ -82,3 +82,24 @@ def tiny_checkpoint(tiny_benchmark, tmp_path_factory: pytest.TempPathFactory) ->
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(path, model.eval(), model_spec(model, "cnn", 28, {"width": 4}))
     return path
+
+
+def finetune_argv(fmnist_dir: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
+    """``unleash finetune`` on the small Fashion-MNIST: one epoch of batch 128 on the CPU."""
+    return [
+        "finetune",
+        "--from",
+        str(ckpt),
+        "--data-dir",
+        str(fmnist_dir),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "128",
+        "--out",
+        str(out),
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from conftest import finetune_argv
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.method.constraint import (
@@ -75,28 +76,11 @@ def test_estimate_is_seeded_and_above_the_models_loss(tiny_benchmark, tiny_check
     assert a.xi > a.train_loss and not a.is_noop
 
 
-def _finetune(fmnist_dir, ckpt, out, *extra) -> list[str]:
-    return [
-        "finetune",
-        "--from",
-        str(ckpt),
-        "--data-dir",
-        str(fmnist_dir),
-        "--epochs",
-        "1",
-        "--batch-size",
-        "128",
-        "--out",
-        str(out),
-        *COMMON,
-        *extra,
-    ]
-
-
 @pytest.mark.parametrize("method", ["ce", "um", "umap"])
 def test_finetune_command(capsys, fmnist_dir, tiny_checkpoint, tmp_path, method) -> None:
     out = tmp_path / method
-    code = main(_finetune(fmnist_dir, tiny_checkpoint, out, "--method", method, "--n-masks", "2"))
+    args = ["--method", method, "--n-masks", "2"]
+    code = main(finetune_argv(fmnist_dir, tiny_checkpoint, out, *args))
     assert code == 0, capsys.readouterr().err
     xi = json.loads((out / "xi.json").read_text())
     assert (xi["xi"] is None) == (method == "ce")
@@ -108,14 +92,14 @@ def test_finetune_command(capsys, fmnist_dir, tiny_checkpoint, tmp_path, method)
 
 def test_finetune_refuses_a_noop_constraint(capsys, fmnist_dir, tiny_checkpoint, tmp_path) -> None:
     out = tmp_path / "noop"
-    code = main(_finetune(fmnist_dir, tiny_checkpoint, out, "--method", "um", "--xi", "0.0001"))
+    code = main(finetune_argv(fmnist_dir, tiny_checkpoint, out, "--method", "um", "--xi", "0.0001"))
     err = capsys.readouterr().err
     assert code == 2 and "UM would train exactly like --method ce" in err
     assert not out.exists()
 
 
 def test_finetune_rejects_bad_xi(capsys, fmnist_dir, tiny_checkpoint, tmp_path) -> None:
-    assert main(_finetune(fmnist_dir, tiny_checkpoint, tmp_path / "x", "--xi", "big")) == 2
+    assert main(finetune_argv(fmnist_dir, tiny_checkpoint, tmp_path / "x", "--xi", "big")) == 2
     assert "--xi takes estimate, validate or a number" in capsys.readouterr().err
 
 
@@ -171,7 +155,7 @@ def test_finetune_validate_picks_xi_on_validation_data(
 ) -> None:
     out = tmp_path / "validate"
     args = ["--method", "um", "--xi", "validate", "--xi-grid", "1,2", "--n-masks", "2"]
-    code = main(_finetune(fmnist_dir, tiny_checkpoint, out, *args))
+    code = main(finetune_argv(fmnist_dir, tiny_checkpoint, out, *args))
     assert code == 0, capsys.readouterr().err
     choice = json.loads((out / "xi.json").read_text())
     assert choice["source"] == "validate" and len(choice["grid"]) == 2

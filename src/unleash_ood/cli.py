@@ -208,6 +208,24 @@ def _recipe_from(args: argparse.Namespace, **fixed):
     )
 
 
+def _outlier_spec(args: argparse.Namespace):
+    from unleash_ood.method.outliers import OutlierSpec
+
+    if args.outliers is None:
+        return None
+    return OutlierSpec(
+        method=args.outliers,
+        aux=args.aux,
+        aux_size=args.aux_size,
+        aux_ratio=args.aux_ratio,
+        weight=args.aux_weight,
+        m_in=args.m_in,
+        m_out=args.m_out,
+        poem_keep=args.poem_keep,
+        doe_warmup=args.doe_warmup,
+    )
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.data import load_benchmark
@@ -223,6 +241,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         n_masks=args.n_masks,
         mask_fraction=args.mask_fraction,
         xi_grid=tuple(float(v) for v in args.xi_grid.split(",")),
+        outliers=_outlier_spec(args),
     )
     spec.check()
     if args.lr is None:
@@ -246,7 +265,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         on_save=tracker,
     )
     xi = "none (plain cross-entropy)" if choice.xi is None else f"{choice.xi:.4g} ({choice.source})"
-    print(f"fine-tuned with {args.method}, xi {xi}; final model: {final}.safetensors")
+    with_oe = f" and {args.outliers} outlier exposure" if args.outliers else ""
+    print(f"fine-tuned with {args.method}{with_oe}, xi {xi}; final model: {final}.safetensors")
 
 
 def cmd_atypical(args: argparse.Namespace) -> None:
@@ -304,6 +324,54 @@ def _add_training_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_data_args(p)
+
+
+def _add_outlier_args(p: argparse.ArgumentParser) -> None:
+    from unleash_ood.method.outliers import DEFAULT_WEIGHT, OUTLIER_METHODS, OutlierSpec
+
+    d = OutlierSpec()
+    g = p.add_argument_group("outlier exposure")
+    g.add_argument(
+        "--outliers",
+        choices=OUTLIER_METHODS,
+        help="add an outlier term: oe, energy (Energy-OE), poem, doe; the ID term stays "
+        "--method's (ce, or the UM loss)",
+    )
+    g.add_argument(
+        "--aux",
+        default=d.aux,
+        help="auxiliary outliers: bundled (the fmnist suite's own), a .npy file of uint8 "
+        "images, an image folder, or a folder of downsampled-ImageNet batch files",
+    )
+    g.add_argument(
+        "--aux-size", type=int, default=d.aux_size, help="outliers kept per run (seeded subset)"
+    )
+    g.add_argument(
+        "--aux-ratio", type=float, default=d.aux_ratio, help="outliers per ID image in a batch"
+    )
+    g.add_argument(
+        "--aux-weight",
+        type=float,
+        help="weight of the outlier term (default: "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_WEIGHT.items())
+        + ")",
+    )
+    g.add_argument("--m-in", type=float, default=d.m_in, help="energy/poem: ID energy margin")
+    g.add_argument(
+        "--m-out", type=float, default=d.m_out, help="energy/poem: outlier energy margin"
+    )
+    g.add_argument(
+        "--poem-keep",
+        type=float,
+        default=d.poem_keep,
+        help="poem: fraction of the auxiliary pool selected each epoch",
+    )
+    g.add_argument(
+        "--doe-warmup",
+        type=float,
+        default=d.doe_warmup,
+        help="doe: fraction of epochs trained with plain OE before perturbing",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -386,6 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="UMAP: train the weights as well as the mask scores",
     )
+    _add_outlier_args(p)
     _add_recipe_args(p, FINETUNE_RECIPE)
     p.set_defaults(lr=None)  # resolved per method: see finetune_recipe
     _add_training_run_args(p)

@@ -30,7 +30,8 @@ from unleash_ood.method.constraint import (
     estimate_loss_constraint,
     mean_train_loss,
 )
-from unleash_ood.train import Recipe, Trainer, cross_entropy
+from unleash_ood.method.outliers import OutlierObjective, OutlierSpec
+from unleash_ood.train import Objective, Recipe, Trainer, cross_entropy
 
 METHODS = ("um", "umap", "ce")
 # The paper's fine-tuning recipe scaled to a small model: SGD, momentum 0.9, weight decay 1e-4,
@@ -73,8 +74,11 @@ class FinetuneSpec:
     mask_fraction: float = 0.035
     xi_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     acc_tolerance: float = 0.01
+    outliers: OutlierSpec | None = None  # outlier exposure beside the ID term
 
     def check(self) -> None:
+        if self.outliers is not None:
+            self.outliers.check()
         if self.method not in METHODS:
             raise UserError(f"unknown method {self.method!r}; choose {', '.join(METHODS)}")
         if self.xi not in ("estimate", "validate"):
@@ -105,6 +109,28 @@ def with_method_layers(model: torch.nn.Module, spec: FinetuneSpec, seed: int) ->
     return apply_umap(model, keep=spec.keep, train_weights=spec.train_weights, seed=seed)
 
 
+def make_objective(
+    benchmark: Benchmark, spec: FinetuneSpec, recipe: Recipe, xi: float | None
+) -> Objective:
+    """The training loss: CE or UM on the ID term, plus an outlier term when asked for."""
+    if spec.outliers is None:
+        return UMObjective(xi) if xi is not None else cross_entropy
+    from unleash_ood.data.auxiliary import load_aux
+
+    c, h, _ = benchmark.image_shape
+    aux = load_aux(spec.outliers.aux, h, c, spec.outliers.aux_size, recipe.seed)
+    return OutlierObjective(
+        spec.outliers,
+        aux,
+        xi,
+        recipe.batch_size,
+        recipe.epochs,
+        recipe.augment,
+        recipe.seed,
+        benchmark.id_train,
+    )
+
+
 def run_finetune(
     benchmark: Benchmark,
     start: Path,
@@ -126,8 +152,14 @@ def run_finetune(
     umap = (
         {"keep": spec.keep, "train_weights": spec.train_weights} if spec.method == "umap" else None
     )
-    info = {"from": str(start), "method": spec.method, "xi": xi, **(extra or {})}
-    objective = UMObjective(xi) if xi is not None else cross_entropy
+    info = {
+        "from": str(start),
+        "method": spec.method,
+        "xi": xi,
+        **({"outliers": asdict(spec.outliers)} if spec.outliers else {}),
+        **(extra or {}),
+    }
+    objective = make_objective(benchmark, spec, recipe, xi)
     trainer = Trainer(
         model,
         recipe,
