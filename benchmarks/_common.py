@@ -6,11 +6,15 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.data.base import Benchmark
 from unleash_ood.models import Classifier, create_model
+from unleash_ood.report import markdown_table
+
+METRICS = ("auroc", "fpr95_id", "fpr95_ood")
 
 
 def benchmark_model(bench: Benchmark, checkpoint: str | None) -> Classifier:
@@ -33,3 +37,45 @@ def best_of(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, flo
             fn()
             best[name] = min(best[name], time.perf_counter() - t0)
     return best
+
+
+def stepper(model, objective, batches) -> Callable[[], None]:
+    """Training steps over ``batches`` as the trainer takes them, without its bookkeeping."""
+    opt = torch.optim.SGD(
+        [p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=1e-4
+    )
+
+    def run() -> None:
+        model.train()
+        for x, y in batches:
+            opt.zero_grad(set_to_none=True)
+            loss, _ = objective(model, x, y)
+            loss.backward()
+            opt.step()
+
+    return run
+
+
+def summarise(evaluation: dict, scorer: str) -> dict[str, float]:
+    """ID test accuracy and the mean-over-OOD-test-sets metrics (x100) of one evaluation, for
+    one scorer or averaged over every scorer evaluated (``all``)."""
+    rows = [
+        r
+        for r in evaluation["rows"]
+        if r["split"] == "test" and r["dataset"] == "mean" and scorer in ("all", r["scorer"])
+    ]
+    out = {m: 100 * float(np.mean([r[m] for r in rows])) for m in METRICS}
+    return {"acc": 100 * evaluation["accuracy"]["id_test"], **out}
+
+
+def mean_std_table(models: dict[str, list[dict]], scorer: str) -> str:
+    """One row per model: mean ± std over runs of accuracy and the headline metrics."""
+    rows = []
+    for name, evaluations in models.items():
+        vals = [summarise(e, scorer) for e in evaluations]
+        cells = [
+            f"{np.mean([v[k] for v in vals]):.2f} ± {np.std([v[k] for v in vals]):.2f}"
+            for k in ("acc", *METRICS)
+        ]
+        rows.append([name, *cells])
+    return markdown_table(["model", "ID acc", "AUROC", "FPR95 (ID+)", "FPR95 (OOD+)"], rows)

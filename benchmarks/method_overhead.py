@@ -15,7 +15,7 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from _common import benchmark_model, best_of
+from _common import benchmark_model, best_of, stepper
 
 from unleash_ood.data import load_benchmark
 from unleash_ood.device import prepare_model, to_device
@@ -23,22 +23,6 @@ from unleash_ood.evaluate import forward_outputs
 from unleash_ood.method.constraint import UMObjective, masked_copy, mean_train_loss
 from unleash_ood.method.umap import apply_umap
 from unleash_ood.train import cross_entropy
-
-
-def stepper(model, objective, batches):
-    opt = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, weight_decay=1e-4
-    )
-
-    def run() -> None:
-        model.train()
-        for x, y in batches:
-            loss, _ = objective(model, x, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-    return run
 
 
 def main() -> None:

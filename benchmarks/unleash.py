@@ -15,8 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
+from _common import mean_std_table
 
 from unleash_ood.checkpoint import atomic_write_json, load_checkpoint
 from unleash_ood.data import load_benchmark
@@ -25,7 +25,6 @@ from unleash_ood.method.finetune import FINETUNE_RECIPE, FinetuneSpec, finetune,
 from unleash_ood.report import markdown_table
 
 MODELS = ("final", "selected", "ce", "um", "umap")
-METRICS = ("auroc", "fpr95_id", "fpr95_ood")
 
 
 def model_paths(bench, run: Path, seed: int, epochs: int, device) -> tuple[dict[str, Path], dict]:
@@ -53,19 +52,6 @@ def model_paths(bench, run: Path, seed: int, epochs: int, device) -> tuple[dict[
     return paths, xi
 
 
-def summarise(evals: dict[str, dict], scorer: str) -> dict[str, float]:
-    if scorer == "all":
-        rows = [r for r in evals["rows"] if r["split"] == "test" and r["dataset"] == "mean"]
-    else:
-        rows = [
-            r
-            for r in evals["rows"]
-            if (r["split"], r["scorer"], r["dataset"]) == ("test", scorer, "mean")
-        ]
-    out = {m: 100 * float(np.mean([r[m] for r in rows])) for m in METRICS}
-    return {"acc": 100 * evals["accuracy"]["id_test"], **out}
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="*", default=[f"runs/phenomenon/seed{s}" for s in range(3)])
@@ -90,22 +76,11 @@ def main() -> None:
 
     lines = []
     for scorer in ("energy", "msp", "all"):
-        rows = []
-        for model in MODELS:
-            vals = [summarise(r["evaluations"][model], scorer) for r in results.values()]
-            rows.append(
-                [
-                    model,
-                    *(
-                        f"{np.mean([v[k] for v in vals]):.2f} ± {np.std([v[k] for v in vals]):.2f}"
-                        for k in ("acc", *METRICS)
-                    ),
-                ]
-            )
+        models = {m: [r["evaluations"][m] for r in results.values()] for m in MODELS}
         lines += [
             f"### {scorer} (mean ± std over {len(results)} runs)",
             "",
-            markdown_table(["model", "ID acc", "AUROC", "FPR95 (ID+)", "FPR95 (OOD+)"], rows),
+            mean_std_table(models, scorer),
             "",
         ]
     xi_rows = [

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -283,3 +287,21 @@ def test_resume_restores_the_objectives_state(
     b, _ = load_checkpoint(resumed)
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert torch.equal(x, y), name
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
+def test_doe_under_torchrun_agrees_with_one_process(fmnist_dir, tiny_checkpoint, tmp_path) -> None:
+    """DOE's perturbation direction is averaged over processes, as one process would take it
+    from the whole batch; the runs differ by BatchNorm normalising each half-batch alone."""
+    extra = ["--method", "ce", "--outliers", "doe", "--doe-warmup", "0", "--aux-size", "600"]
+    args = finetune_argv(fmnist_dir, tiny_checkpoint, tmp_path / "single", *extra)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    subprocess.run([sys.executable, "-m", "unleash_ood", *args], check=True, env=env, timeout=300)
+    torchrun = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "unleash_ood"]
+    ddp = [*args, "--out", str(tmp_path / "ddp")]  # the last --out wins
+    subprocess.run([*torchrun, *ddp], check=True, env=env, timeout=300)
+    a, _ = load_checkpoint(tmp_path / "single" / "checkpoints" / "final")
+    b, _ = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "final")
+    w_a, w_b = a.head.weight, b.head.weight
+    assert (w_a - w_b).norm() / w_a.norm() < 0.1

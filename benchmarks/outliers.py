@@ -1,0 +1,112 @@
+"""Outlier exposure with and without UM / UMAP on the fmnist suite.
+
+    python benchmarks/outliers.py [--runs runs/phenomenon/seed0 ...] [--epochs 3]
+
+For each pretraining run (default: the three seeds of benchmarks/phenomenon.py) it fine-tunes
+the final model with each of OE, Energy-OE, POEM and DOE, on plain CE, on the UM loss and on
+UMAP (fine-tune seed = run index; the bundled auxiliary outliers; xi = the random-mask estimate
+of benchmarks/unleash.py when that has run, else estimated here), evaluates every model with
+Energy and MSP on the OOD test sets and prints mean ± std over runs, beside the final model and
+the CE control without outliers when benchmarks/unleash.py has evaluated them. Nothing is tuned
+on the OOD test sets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from _common import mean_std_table
+
+from unleash_ood.checkpoint import atomic_write_json, load_checkpoint
+from unleash_ood.data import load_benchmark
+from unleash_ood.evaluate import evaluate
+from unleash_ood.method.finetune import FinetuneSpec, finetune, finetune_recipe
+from unleash_ood.method.outliers import OUTLIER_METHODS, OutlierSpec
+
+VARIANTS = ("ce", "um", "umap")
+SCORERS = "energy,msp"
+
+
+def xi_of(run: Path) -> str:
+    """The estimate benchmarks/unleash.py made for this run, so both tables share one xi."""
+    made = run / "unleash" / "um" / "xi.json"
+    return f"{json.loads(made.read_text())['xi']!r}" if made.exists() else "estimate"
+
+
+def name_of(outliers: str, variant: str) -> str:
+    return outliers if variant == "ce" else f"{outliers} + {variant}"
+
+
+def evaluate_run(bench, run: Path, seed: int, epochs: int, device) -> dict[str, dict]:
+    """Fine-tune (unless done) and evaluate every method of one run; cached per model."""
+    evals = {}
+    for outliers in OUTLIER_METHODS:
+        for variant in VARIANTS:
+            out = run / "outliers" / f"{outliers}-{variant}"
+            cache = out / "evaluation.json"
+            if not cache.exists():
+                final = out / "checkpoints" / "final"
+                if not final.with_suffix(".json").exists():
+                    spec = FinetuneSpec(
+                        method=variant,
+                        xi=xi_of(run),
+                        outliers=OutlierSpec(method=outliers),
+                    )
+                    recipe = finetune_recipe(variant, epochs=epochs, seed=seed)
+                    finetune(
+                        bench,
+                        run / "checkpoints" / "last",
+                        spec,
+                        recipe,
+                        out,
+                        device,
+                        progress=False,
+                    )
+                model, _ = load_checkpoint(final, device)
+                ev = evaluate(model, bench, SCORERS, device=device, progress=False)
+                atomic_write_json(cache, ev.to_dict())
+            evals[name_of(outliers, variant)] = json.loads(cache.read_text())
+            print(f"{run.name}: {name_of(outliers, variant)} done", flush=True)
+    return evals
+
+
+def references(run: Path) -> dict[str, dict]:
+    """The final model and the CE control without outliers, from benchmarks/unleash.py."""
+    cache = run / "unleash" / "evaluations.json"
+    if not cache.exists():
+        return {}
+    found = json.loads(cache.read_text())["evaluations"]
+    return {"final (no outliers)": found["final"], "ce (no outliers)": found["ce"]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs", nargs="*", default=[f"runs/phenomenon/seed{s}" for s in range(3)])
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results/outliers")
+    args = p.parse_args()
+    device = torch.device("cpu")
+    bench = load_benchmark("fmnist")
+    per_run = []
+    for seed, run in enumerate(map(Path, args.runs)):
+        per_run.append({**references(run), **evaluate_run(bench, run, seed, args.epochs, device)})
+    names = [n for n in per_run[0] if all(n in r for r in per_run)]
+    lines = []
+    for scorer in SCORERS.split(","):
+        models = {n: [r[n] for r in per_run] for n in names}
+        lines += [
+            f"### {scorer} (mean ± std over {len(per_run)} runs, {args.epochs} epochs)",
+            "",
+            mean_std_table(models, scorer),
+            "",
+        ]
+    Path(f"{args.out}.md").parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
