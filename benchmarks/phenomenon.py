@@ -129,13 +129,10 @@ def main() -> None:
     for scorer in SCORERS:
         sub = np.array([r[3:] for r in table if r[1] == scorer], dtype=float)
         mean, std = sub.mean(0), sub.std(0)
-        table.append(
-            [
-                f"mean ± std ({len(sub)})",
-                scorer,
-                *(f"{m:.2f} ± {s:.2f}" for m, s in zip(mean, std, strict=True)),
-            ]
-        )
+        cells = [f"{m:.2f} ± {s:.2f}" for m, s in zip(mean, std, strict=True)]
+        cells[3] = f"{mean[3]:.0f} ± {std[3]:.1f}"  # the selected epoch
+        finals = {r[2] for r in table if r[1] == scorer}
+        table.append([f"mean ± std ({len(sub)})", scorer, "/".join(map(str, finals)), *cells])
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
