@@ -9,6 +9,12 @@ of benchmarks/unleash.py when that has run, else estimated here), evaluates ever
 Energy and MSP on the OOD test sets and prints mean ± std over runs, beside the final model and
 the CE control without outliers when benchmarks/unleash.py has evaluated them. Nothing is tuned
 on the OOD test sets.
+
+Energy-OE and POEM use the margins m_in = -15, m_out = -5 here, not the paper's -25 / -7 (the
+library's defaults): the CNN's ID energies have median -10, so m_in = -25 puts a loss of about
+22 on every ID image, a thousand times its cross-entropy. In one epoch from seed 0's final model,
+-25 / -7 cost 2.7 points of ID validation accuracy and -15 / -5 cost 1.0, at OOD validation
+AUROC 99.94 and 99.84 (the starting model: 87.39).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from unleash_ood.method.outliers import OUTLIER_METHODS, OutlierSpec
 
 VARIANTS = ("ce", "um", "umap")
 SCORERS = "energy,msp"
+MARGINS = {"m_in": -15.0, "m_out": -5.0}
 
 
 def xi_of(run: Path) -> str:
@@ -53,7 +60,7 @@ def evaluate_run(bench, run: Path, seed: int, epochs: int, device) -> dict[str, 
                     spec = FinetuneSpec(
                         method=variant,
                         xi=xi_of(run),
-                        outliers=OutlierSpec(method=outliers),
+                        outliers=OutlierSpec(method=outliers, **MARGINS),
                     )
                     recipe = finetune_recipe(variant, epochs=epochs, seed=seed)
                     finetune(
