@@ -19,6 +19,7 @@ def test_datasets_lists_everything_with_availability(capsys, fmnist_dir) -> None
     assert "| fashion-mnist | 70,000 |" in out and str(fmnist_dir) in out
     assert "| fmnist | yes |" in out
     assert "bundled-test/letters" in out
+    assert "| bundled-aux/outliers | 10,200 |" in out
 
 
 def test_evaluate_writes_run_directory(capsys, fmnist_dir, tiny_checkpoint, tmp_path) -> None:

@@ -122,7 +122,7 @@ register_dataset(
         HOW_TO_GET,
     )
 )
-for _s in [*bundled.TEST_SETS.values(), *bundled.VAL_SETS.values()]:
+for _s in [*bundled.TEST_SETS.values(), *bundled.VAL_SETS.values(), bundled.AUX_SET]:
     register_dataset(
         DatasetInfo(
             f"bundled-{_s.split}/{_s.name}",
