@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unleash_ood.data.base import ImageSet, to_format
+from unleash_ood.data.base import ImageSet, cached_array, to_format
 from unleash_ood.data.bundled import AUX_SET
-from unleash_ood.data.formats import list_images, load_image_folder, load_pickle
+from unleash_ood.data.formats import list_images, load_image_folder, load_pickle, signature
 from unleash_ood.errors import UserError
 
 BUNDLED = "bundled"
@@ -116,8 +116,12 @@ def load_aux(
         return ImageSet(f"aux-{path.stem}", to_format(np.asarray(array[index]), size, channels))
     batches = sorted(p for p in path.glob(BATCH_GLOB) if p.is_file())
     if batches:
-        images = read_imagenet_batches(batches, limit, seed, size, channels)
-        return ImageSet(f"aux-{path.name}", images)
+        # Reading 1.28M images takes minutes: the drawn subset is cached, keyed by the files.
+        key = f"aux/{path.name}-{limit}-{seed}-{signature(batches, size, channels)}"
+        images = cached_array(
+            key, lambda: read_imagenet_batches(batches, limit, seed, size, channels).numpy()
+        )
+        return ImageSet(f"aux-{path.name}", torch.from_numpy(images))
     if not list_images(path):
         raise UserError(f"{path}: holds neither image files nor ImageNet batch files; {HOW}")
     return ImageSet(f"aux-{path.name}", load_image_folder(path, size, channels, limit, seed))

@@ -342,7 +342,7 @@ def _decode_all(paths: Sequence[Path], size: int, channels: int, name: str) -> n
     return out[ok]
 
 
-def _signature(paths: Sequence[Path], size: int, channels: int) -> str:
+def signature(paths: Sequence[Path], size: int, channels: int) -> str:
     """A digest of what the decoded array depends on: which files, their sizes and times.
 
     Adding, removing, renaming or rewriting a file changes it, so a stale cache is never used.
@@ -372,7 +372,7 @@ def load_images(paths: Sequence[Path], size: int, channels: int, name: str) -> t
             f"(first: {missing[0]}); unpack the complete archive"
         )
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name)
-    key = f"images/{slug}-{size}x{size}x{channels}-{_signature(paths, size, channels)}"
+    key = f"images/{slug}-{size}x{size}x{channels}-{signature(paths, size, channels)}"
     return torch.from_numpy(cached_array(key, lambda: _decode_all(paths, size, channels, name)))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,11 @@ class OutlierSpec:
         if self.method not in OUTLIER_METHODS:
             raise UserError(
                 f"unknown outlier method {self.method!r}; choose {', '.join(OUTLIER_METHODS)}"
+            )
+        if self.aux != "bundled" and not Path(self.aux).expanduser().exists():
+            raise UserError(
+                f"auxiliary outliers {self.aux!r}: no such file or folder; pass --aux bundled, "
+                f"a .npy file, an image folder or a folder of ImageNet batch files"
             )
         if self.aux_size < 1 or self.aux_ratio <= 0:
             raise UserError("--aux-size and --aux-ratio must be positive")
