@@ -14,6 +14,8 @@ from unleash_ood.scores.base import Scorer, check_range
 
 # Similarity-matrix entries computed at once by k-NN (128 MB in float32).
 _CHUNK_ELEMENTS = 2**25
+# Bank columns per group in the k-th-largest search of k-NN.
+_GROUP = 64
 
 
 @dataclass
@@ -57,6 +59,22 @@ class Mahalanobis(Scorer):
         return -sq.min(dim=1).values
 
 
+def kth_largest(sims: torch.Tensor, k: int, group: int = _GROUP) -> torch.Tensor:
+    """The ``k``-th largest entry of each row of ``sims`` ``(R, G * group)``, exactly.
+
+    A full-width top-k is the slow part of a k-NN search, so it is run on few candidates:
+    split each row into groups of ``group`` columns; only the ``k`` groups with the largest
+    maxima can hold the row's ``k`` largest values. (An entry in any other group is at most
+    that group's maximum, which is at most each of the ``k`` larger maxima, so at least
+    ``k`` candidates are as large as it.) Ties cannot change the value found.
+    """
+    rows = sims.shape[0]
+    grouped = sims.view(rows, -1, group)
+    top_groups = grouped.amax(dim=2).topk(k, dim=1, sorted=False).indices
+    candidates = grouped.gather(1, top_groups[:, :, None].expand(-1, -1, group))
+    return candidates.view(rows, -1).topk(k, dim=1, sorted=False).values.amin(dim=1)
+
+
 def knn_distance(
     queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_rows: int | None = None
 ) -> torch.Tensor:
@@ -64,13 +82,23 @@ def knn_distance(
 
     For unit vectors ``|q - b|^2 = 2 - 2 q.b``, so the k-th nearest neighbour is the k-th
     largest dot product; queries go through in chunks of ``chunk_rows`` (by default as many
-    as keep the similarity block near ``_CHUNK_ELEMENTS`` entries).
+    as keep the similarity block near ``_CHUNK_ELEMENTS`` entries). The block is allocated
+    once: a fresh 128 MB tensor per chunk costs as much in page faults as the product itself.
+    Banks of at least ``k`` groups are padded to whole groups with columns of ``-inf`` and
+    searched by :func:`kth_largest`; smaller ones take a plain top-k.
     """
-    rows = chunk_rows or max(1, _CHUNK_ELEMENTS // len(bank))
-    sims = torch.cat(
-        [(chunk @ bank.T).topk(k, dim=1).values[:, -1] for chunk in queries.split(rows)]
-    )
-    return (2 - 2 * sims.double()).clamp_min(0).sqrt()
+    n = len(bank)
+    grouped = n >= k * _GROUP
+    width = -(-n // _GROUP) * _GROUP if grouped else n
+    padded = F.pad(bank, (0, 0, 0, width - n))
+    rows = chunk_rows or max(1, _CHUNK_ELEMENTS // width)
+    block = bank.new_empty(min(rows, len(queries)), width)
+    sims = []
+    for chunk in queries.split(rows):
+        s = torch.mm(chunk, padded.T, out=block[: len(chunk)])
+        s[:, n:] = float("-inf")
+        sims.append(kth_largest(s, k) if grouped else s.topk(k, dim=1).values[:, -1])
+    return (2 - 2 * torch.cat(sims).double()).clamp_min(0).sqrt()
 
 
 @dataclass
