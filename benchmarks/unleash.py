@@ -7,6 +7,7 @@ the final model with the plain cross-entropy control, UM and UMAP (same recipe, 
 = run index, xi from the random-mask estimate over 5 masks), evaluates all five models with
 every scorer on the fmnist OOD test sets, and prints mean ± std over runs. Nothing is tuned on
 the OOD test sets: xi comes from training data, the intermediate epoch from validation data.
+Runs pretrained without --track have no selected epoch; that row is then left out.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ MODELS = ("final", "selected", "ce", "um", "umap")
 
 
 def model_paths(bench, run: Path, seed: int, epochs: int, device) -> tuple[dict[str, Path], dict]:
-    sel = json.loads((run / "track_selection.json").read_text())
-    paths = {
-        "final": run / "checkpoints" / "last",
-        "selected": run / "checkpoints" / f"epoch_{sel['selected_epoch']:03d}",
-    }
+    paths = {"final": run / "checkpoints" / "last"}
+    selection = run / "track_selection.json"
+    if selection.exists():  # runs pretrained with --track; others have no selected epoch
+        epoch = json.loads(selection.read_text())["selected_epoch"]
+        paths["selected"] = run / "checkpoints" / f"epoch_{epoch:03d}"
     xi = {}
     for method in ("ce", "um", "umap"):
         out = run / "unleash" / method
@@ -76,7 +77,11 @@ def main() -> None:
 
     lines = []
     for scorer in ("energy", "msp", "all"):
-        models = {m: [r["evaluations"][m] for r in results.values()] for m in MODELS}
+        models = {
+            m: [r["evaluations"][m] for r in results.values()]
+            for m in MODELS
+            if all(m in r["evaluations"] for r in results.values())
+        }
         lines += [
             f"### {scorer} (mean ± std over {len(results)} runs)",
             "",
