@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unleash_ood.checkpoint import load_checkpoint
+from unleash_ood.checkpoint import load_checkpoint, read_sidecar
 from unleash_ood.data.base import Benchmark
 from unleash_ood.models import Classifier, create_model
 from unleash_ood.report import markdown_table
@@ -25,6 +25,21 @@ def benchmark_model(bench: Benchmark, checkpoint: str | None) -> Classifier:
     torch.manual_seed(0)
     c = bench.image_shape[0]
     return create_model("cnn", bench.num_classes, c, mean=bench.mean, std=bench.std)
+
+
+def run_seed(run: Path) -> int:
+    """The pretraining seed of a run, from its last checkpoint; fine-tunes of the run reuse it,
+    so a run gives the same models whichever other runs it is benchmarked with."""
+    return int(read_sidecar(run / "checkpoints" / "last")["recipe"]["seed"])
+
+
+def per_run_summaries(per_run: dict[str, dict[str, dict]], scorers: list[str]) -> dict:
+    """``{run: {model: {scorer: summary}}}``: what the tables average, kept per run so that
+    tables over other sets of runs can be built without redoing them."""
+    return {
+        run: {m: {s: summarise(ev, s) for s in scorers} for m, ev in models.items()}
+        for run, models in per_run.items()
+    }
 
 
 def best_of(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:

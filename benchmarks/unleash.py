@@ -4,8 +4,9 @@
 
 For each pretraining run (default: the three seeds of benchmarks/phenomenon.py) it fine-tunes
 the final model with the plain cross-entropy control, UM and UMAP (same recipe, fine-tune seed
-= run index, xi from the random-mask estimate over 5 masks), evaluates all five models with
-every scorer on the fmnist OOD test sets, and prints mean ± std over runs. Nothing is tuned on
+= the run's pretraining seed, xi from the random-mask estimate over 5 masks), evaluates all
+five models with every scorer on the fmnist OOD test sets, and prints mean ± std over runs
+(per-run figures in the ``--out`` JSON). Nothing is tuned on
 the OOD test sets: xi comes from training data, the intermediate epoch from validation data.
 Runs pretrained without --track have no selected epoch; that row is then left out.
 """
@@ -17,7 +18,7 @@ import json
 from pathlib import Path
 
 import torch
-from _common import mean_std_table
+from _common import mean_std_table, per_run_summaries, run_seed
 
 from unleash_ood.checkpoint import atomic_write_json, load_checkpoint
 from unleash_ood.data import load_benchmark
@@ -62,9 +63,9 @@ def main() -> None:
     device = torch.device("cpu")
     bench = load_benchmark("fmnist")
     results = {}
-    for seed, run in enumerate(map(Path, args.runs)):
+    for run in map(Path, args.runs):
         cache = run / "unleash" / "evaluations.json"
-        paths, xi = model_paths(bench, run, seed, args.epochs, device)
+        paths, xi = model_paths(bench, run, run_seed(run), args.epochs, device)
         if cache.exists():
             results[run.name] = json.loads(cache.read_text())
             continue
@@ -105,6 +106,10 @@ def main() -> None:
     ]
     Path(f"{args.out}.md").parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text("\n".join(lines))
+    evaluations = {name: r["evaluations"] for name, r in results.items()}
+    atomic_write_json(
+        Path(f"{args.out}.json"), per_run_summaries(evaluations, ["energy", "msp", "all"])
+    )
     print("\n".join(lines))
 
 
