@@ -5,7 +5,7 @@
 For each pretraining run (default: the three seeds of benchmarks/phenomenon.py) it fine-tunes
 the final model with each of OE, Energy-OE, POEM and DOE, on plain CE, on the UM loss and on
 UMAP (fine-tune seed = the run's pretraining seed; the bundled auxiliary outliers; xi = the
-random-mask estimate of benchmarks/unleash.py when that has run, else estimated here),
+random-mask estimate of benchmarks/unleash.py when that has run, else the same estimate here),
 evaluates every model with Energy and MSP on the OOD test sets and prints mean ± std over runs,
 beside the final model and the CE control without outliers when benchmarks/unleash.py has
 evaluated them; the per-run figures go to the ``--out`` JSON. Nothing is tuned
@@ -31,7 +31,7 @@ from _common import mean_std_table, per_run_summaries, run_seed
 from unleash_ood.checkpoint import atomic_write_json, load_checkpoint
 from unleash_ood.data import load_benchmark
 from unleash_ood.evaluate import evaluate
-from unleash_ood.method.finetune import FinetuneSpec, finetune, finetune_recipe
+from unleash_ood.method.finetune import FinetuneSpec, choose_xi, finetune, finetune_recipe
 from unleash_ood.method.outliers import OUTLIER_METHODS, OutlierSpec
 
 VARIANTS = ("ce", "um", "umap")
@@ -39,10 +39,18 @@ SCORERS = "energy,msp"
 MARGINS = {"m_in": -15.0, "m_out": -5.0}
 
 
-def xi_of(run: Path) -> str:
-    """The estimate benchmarks/unleash.py made for this run, so both tables share one xi."""
+def xi_of(bench, run: Path, seed: int, device) -> str:
+    """The estimate benchmarks/unleash.py made for this run, so both tables share one xi; when
+    that has not run, the same estimate made here once, not once per UM / UMAP fine-tune."""
     made = run / "unleash" / "um" / "xi.json"
-    return f"{json.loads(made.read_text())['xi']!r}" if made.exists() else "estimate"
+    here = run / "outliers" / "xi.json"
+    if not made.exists() and not here.exists():
+        spec, recipe = FinetuneSpec(method="um"), finetune_recipe("um", seed=seed)
+        start = run / "checkpoints" / "last"
+        choice = choose_xi(bench, start, spec, recipe, here.parent, device, progress=False)
+        here.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(here, {"xi": choice.xi})
+    return repr(json.loads((made if made.exists() else here).read_text())["xi"])
 
 
 def name_of(outliers: str, variant: str) -> str:
@@ -51,7 +59,7 @@ def name_of(outliers: str, variant: str) -> str:
 
 def evaluate_run(bench, run: Path, seed: int, epochs: int, device) -> dict[str, dict]:
     """Fine-tune (unless done) and evaluate every method of one run; cached per model."""
-    evals = {}
+    evals, xi = {}, xi_of(bench, run, seed, device)
     for outliers in OUTLIER_METHODS:
         for variant in VARIANTS:
             out = run / "outliers" / f"{outliers}-{variant}"
@@ -61,7 +69,7 @@ def evaluate_run(bench, run: Path, seed: int, epochs: int, device) -> dict[str, 
                 if not final.with_suffix(".json").exists():
                     spec = FinetuneSpec(
                         method=variant,
-                        xi=xi_of(run),
+                        xi=xi,
                         outliers=OutlierSpec(method=outliers, **MARGINS),
                     )
                     recipe = finetune_recipe(variant, epochs=epochs, seed=seed)
