@@ -44,10 +44,10 @@ def test_um_objective_flips_the_cross_entropy_gradient() -> None:
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     ce = torch.nn.functional.cross_entropy(model(x), y)
     (g_ce,) = torch.autograd.grad(ce, model.weight)
-    loss, _ = UMObjective(xi=float(ce) + 1.0)(model, x, y)
+    loss, _ = UMObjective(xi=ce.item() + 1.0)(model, x, y)
     (g_um,) = torch.autograd.grad(loss, model.weight)
     assert torch.allclose(g_um, -g_ce)
-    loss, _ = UMObjective(xi=float(ce) - 0.1)(model, x, y)
+    loss, _ = UMObjective(xi=ce.item() - 0.1)(model, x, y)
     (g_above,) = torch.autograd.grad(loss, model.weight)
     assert torch.allclose(g_above, g_ce)
 
