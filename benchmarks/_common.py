@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -71,13 +71,15 @@ def stepper(model, objective, batches) -> Callable[[], None]:
     return run
 
 
-def summarise(evaluation: dict, scorer: str) -> dict[str, float]:
+def summarise(evaluation: dict, scorer: str, exclude: Sequence[str] = ()) -> dict[str, float]:
     """ID test accuracy and the mean-over-OOD-test-sets metrics (x100) of one evaluation, for
-    one scorer or averaged over every scorer evaluated (``all``)."""
+    one scorer or averaged over every scorer evaluated (``all``) but those in ``exclude``."""
     rows = [
         r
         for r in evaluation["rows"]
-        if r["split"] == "test" and r["dataset"] == "mean" and scorer in ("all", r["scorer"])
+        if r["split"] == "test"
+        and r["dataset"] == "mean"
+        and (r["scorer"] == scorer or (scorer == "all" and r["scorer"] not in exclude))
     ]
     out = {m: 100 * float(np.mean([r[m] for r in rows])) for m in METRICS}
     return {"acc": 100 * evaluation["accuracy"]["id_test"], **out}

@@ -145,11 +145,13 @@ def cmd_track(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     from unleash_ood.data import load_benchmark
+    from unleash_ood.data.noise import TrainingData
     from unleash_ood.device import resolve_device
     from unleash_ood.train import pretrain
 
     recipe = _recipe_from(args, model=args.model, model_kwargs=_model_kwargs(args.model_arg))
     recipe.check()
+    train_data = TrainingData(args.train_size, args.label_noise, recipe.seed)
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
     tracker = _tracker(args, bench, device) if args.track else None
@@ -161,6 +163,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         resume=args.resume,
         progress=not args.no_progress,
         on_save=tracker,
+        train_data=train_data,
     )
     if history:
         last = history[-1]
@@ -171,41 +174,60 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def _add_recipe_args(p: argparse.ArgumentParser, defaults) -> None:
-    """Optimisation flags shared by the training commands; ``defaults`` is a Recipe."""
-    p.add_argument("--seed", type=int, default=defaults.seed)
+    """Optimisation flags shared by the training commands. ``defaults`` is a Recipe, or None
+    when a named recipe supplies every value a flag does not set (``finetune --recipe``)."""
+
+    def default(name: str):
+        return None if defaults is None else getattr(defaults, name)
+
+    p.add_argument("--seed", type=int, default=default("seed"), help="random seed of the run")
     p.add_argument(
-        "--save-every", type=int, default=defaults.save_every, help="checkpoint every k epochs"
+        "--save-every", type=int, default=default("save_every"), help="checkpoint every k epochs"
     )
-    p.add_argument("--epochs", type=int, default=defaults.epochs)
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch")
-    p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--momentum", type=float, default=defaults.momentum)
-    p.add_argument("--nesterov", action="store_true")
-    p.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    p.add_argument("--epochs", type=int, default=default("epochs"), help="epochs to train")
+    p.add_argument("--batch-size", type=int, default=default("batch_size"), help="global batch")
+    p.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
+    p.add_argument("--momentum", type=float, default=default("momentum"), help="SGD momentum")
+    p.add_argument(
+        "--nesterov",
+        action=argparse.BooleanOptionalAction,
+        default=default("nesterov"),
+        help="Nesterov momentum",
+    )
+    p.add_argument(
+        "--weight-decay", type=float, default=default("weight_decay"), help="L2 weight decay"
+    )
     p.add_argument(
         "--schedule",
-        default=defaults.schedule,
+        default=default("schedule"),
         help="step (/10 at 50%% and 75%% of the epochs), cosine or constant",
     )
-    p.add_argument("--augment", default=defaults.augment, help="none, flip, crop, crop+flip")
+    p.add_argument("--augment", default=default("augment"), help="none, flip, crop, crop+flip")
 
 
-def _recipe_from(args: argparse.Namespace, **fixed):
+RECIPE_FLAGS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "schedule",
+    "augment",
+    "seed",
+    "save_every",
+)
+
+
+def _recipe_from(args: argparse.Namespace, base=None, **fixed):
+    """The recipe of the flags: ``base``'s values (default: Recipe()) with every flag given
+    explicitly (not None) on top, and ``fixed`` last."""
+    from dataclasses import replace
+
     from unleash_ood.train import Recipe
 
-    return Recipe(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        momentum=args.momentum,
-        nesterov=args.nesterov,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        augment=args.augment,
-        seed=args.seed,
-        save_every=args.save_every,
-        **fixed,
-    )
+    given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
+    return replace(base or Recipe(), **given, **fixed)
 
 
 def _outlier_spec(args: argparse.Namespace):
@@ -230,7 +252,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
-    from unleash_ood.method.finetune import FinetuneSpec, finetune, finetune_recipe
+    from unleash_ood.method.finetune import (
+        FinetuneSpec,
+        default_recipe_name,
+        finetune,
+        finetune_recipe,
+    )
 
     start = read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
     spec = FinetuneSpec(
@@ -240,14 +267,17 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         train_weights=args.train_weights,
         n_masks=args.n_masks,
         mask_fraction=args.mask_fraction,
+        xi_reduction=args.xi_reduction,
         xi_grid=tuple(float(v) for v in args.xi_grid.split(",")),
         outliers=_outlier_spec(args),
     )
     spec.check()
-    if args.lr is None:
-        args.lr = finetune_recipe(args.method).lr
+    recipe_name = args.recipe or default_recipe_name(spec.outliers is not None)
     recipe = _recipe_from(
-        args, model=start["architecture"], model_kwargs=start.get("model_kwargs", {})
+        args,
+        finetune_recipe(args.method, recipe_name),
+        model=start["architecture"],
+        model_kwargs=start.get("model_kwargs", {}),
     )
     recipe.check()
     device = resolve_device(args.device)
@@ -263,26 +293,36 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         resume=args.resume,
         progress=not args.no_progress,
         on_save=tracker,
+        recipe_name=recipe_name,
     )
     xi = "none (plain cross-entropy)" if choice.xi is None else f"{choice.xi:.4g} ({choice.source})"
+    if choice.estimate:
+        per_mask = ", ".join(f"{v:.4g}" for v in choice.estimate["per_mask"])
+        xi += f"; per mask {per_mask}, {choice.estimate.get('reduction', 'mean')} taken"
     with_oe = f" and {args.outliers} outlier exposure" if args.outliers else ""
-    print(f"fine-tuned with {args.method}{with_oe}, xi {xi}; final model: {final}.safetensors")
+    print(
+        f"fine-tuned with {args.method}{with_oe} (recipe {recipe_name}: {recipe.epochs} epochs, "
+        f"lr {recipe.lr} {recipe.schedule}), xi {xi}; final model: {final}.safetensors"
+    )
 
 
 def cmd_atypical(args: argparse.Namespace) -> None:
     import csv
     import io
 
-    from unleash_ood.checkpoint import atomic_write_bytes, load_checkpoint
+    from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
     from unleash_ood.data import load_benchmark
+    from unleash_ood.data.noise import TrainingData
     from unleash_ood.device import resolve_device
-    from unleash_ood.method.atypical import atypicality, plot_grid, ranking_rows
+    from unleash_ood.method.atypical import atypicality, plot_grid, precision_at_k, ranking_rows
 
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
-    model, _ = load_checkpoint(args.from_, device, bench.num_classes, bench.image_shape)
-    a = atypicality(model, bench.id_train, args.mask_fraction, args.n_masks, args.seed, device)
-    rows = ranking_rows(a, bench.id_train.labels.numpy())
+    model, meta = load_checkpoint(args.from_, device, bench.num_classes, bench.image_shape)
+    # The samples the model was trained on, with the labels it was trained on (a noisy run's).
+    train, flipped = TrainingData.from_dict(meta.get("train_data")).apply(bench.id_train)
+    a = atypicality(model, train, args.mask_fraction, args.n_masks, args.seed, device)
+    rows = ranking_rows(a, train.labels.numpy())
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -290,12 +330,20 @@ def cmd_atypical(args: argparse.Namespace) -> None:
     w.writerow(["rank", "index", "label", "prediction", "loss", "masked_loss", "delta"])
     w.writerows(rows)
     atomic_write_bytes(out / "atypical.csv", buf.getvalue().encode())
-    plot_grid(a, bench.id_train, bench.class_names, out / "atypical.png")
+    plot_grid(a, train, bench.class_names, out / "atypical.png")
     print(
         f"ranked {len(rows):,} training samples into {out}/atypical.csv and atypical.png; "
         f"mean loss {a.loss.mean():.4f} -> {a.masked_loss.mean():.4f} under "
         f"{args.n_masks} random masks of {100 * args.mask_fraction:.1f} %"
     )
+    if len(flipped):
+        found = precision_at_k(a, flipped)
+        atomic_write_json(out / "label_noise_precision.json", found)
+        cells = ", ".join(f"{k} {v:.3f}" for k, v in found.items() if k.startswith("precision"))
+        print(
+            f"flipped labels among the most atypical: {cells} (chance {found['chance']:.3f}); "
+            f"in {out}/label_noise_precision.json"
+        )
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -406,10 +454,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="architecture option, e.g. width=64 (repeatable)",
     )
     _add_recipe_args(p, Recipe())
+    p.add_argument(
+        "--train-size",
+        type=int,
+        default=None,
+        help="train on a seeded class-stratified subset of this many images (default: all)",
+    )
+    p.add_argument(
+        "--label-noise",
+        type=float,
+        default=0.0,
+        metavar="FRACTION",
+        help="flip this fraction of the training labels to a random other class (seeded; "
+        "the flipped indices go to label_noise.json; test labels are untouched)",
+    )
     _add_training_run_args(p)
     p.set_defaults(func=cmd_pretrain)
 
-    from unleash_ood.method.finetune import FINETUNE_RECIPE, METHODS, FinetuneSpec
+    from unleash_ood.method.constraint import XI_REDUCTIONS
+    from unleash_ood.method.finetune import METHODS, RECIPES, FinetuneSpec
 
     d = FinetuneSpec()
     p = sub.add_parser("finetune", help="fine-tune a trained model with UM, UMAP or plain CE")
@@ -442,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of weights zeroed per layer for the estimate",
     )
     p.add_argument(
+        "--xi-reduction",
+        choices=XI_REDUCTIONS,
+        default=d.xi_reduction,
+        help="how the per-mask values of --xi estimate combine into xi",
+    )
+    p.add_argument(
         "--xi-grid",
         default=",".join(map(str, d.xi_grid)),
         help="multiples of the estimate tried by --xi validate",
@@ -455,8 +524,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="UMAP: train the weights as well as the mask scores",
     )
     _add_outlier_args(p)
-    _add_recipe_args(p, FINETUNE_RECIPE)
-    p.set_defaults(lr=None)  # resolved per method: see finetune_recipe
+    p.add_argument(
+        "--recipe",
+        choices=tuple(RECIPES),
+        default=None,
+        help="paper: the official 100 epochs at lr 0.1 cosine from the well-trained model; "
+        "paper-oe: 10 epochs at lr 0.01 (the default with --outliers); quick: a 3-epoch "
+        "demonstration, not the method's result. Any recipe flag below overrides its value "
+        "(default: paper, or paper-oe with --outliers)",
+    )
+    _add_recipe_args(p, None)
     _add_training_run_args(p)
     p.set_defaults(func=cmd_finetune)
 

@@ -111,7 +111,7 @@ def run_demo(
     t0 = time.perf_counter()
     bench = _with_subset(load_benchmark("fmnist", data_dir), plan.train_images)
     start = shipped_checkpoint()
-    recipe = finetune_recipe("um", epochs=plan.epochs)
+    recipe = finetune_recipe("um", "quick", epochs=plan.epochs)
     base, _ = load_checkpoint(start, device, bench.num_classes, bench.image_shape)
 
     log("estimating the loss constraint xi ...")
@@ -132,7 +132,7 @@ def run_demo(
             bench,
             start,
             FinetuneSpec(method=method),
-            finetune_recipe(method, epochs=plan.epochs),
+            finetune_recipe(method, "quick", epochs=plan.epochs),
             out / method,
             device,
             xi,
@@ -164,7 +164,7 @@ def demo_markdown(evals: dict[str, Evaluation], result: dict) -> str:
             f"xi = {xi['xi']:.4f} (random-mask estimate, {len(xi['per_mask'])} masks, spread "
             f"{xi['spread']:.4f}); model's training loss {xi['train_loss']:.4f}. "
             f"{result['recipe']['epochs']} fine-tuning epoch(s), lr {result['recipe']['lr']} "
-            f"(UMAP's mask scores: {finetune_recipe('umap').lr}).",
+            f"(UMAP's mask scores: {finetune_recipe('umap', 'quick').lr}).",
             "",
             "## Mean over OOD test sets (noise excluded; `all` = mean over every scorer)",
             "",

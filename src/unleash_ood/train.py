@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 from unleash_ood.augment import AUGMENTATIONS, augment
 from unleash_ood.checkpoint import atomic_write_json, model_spec, read_sidecar, save_checkpoint
 from unleash_ood.data.base import ImageSet
+from unleash_ood.data.noise import TrainingData
 from unleash_ood.device import prepare_model, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.evaluate import forward_outputs
 from unleash_ood.metrics import accuracy
-from unleash_ood.models import Classifier
+from unleash_ood.models import Classifier, create_model
 
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -167,12 +168,16 @@ def load_train_state(
 
 @dataclass
 class EpochStats:
+    """One epoch's summary. ``train_loss`` is the objective (for UM always >= xi, so it hides
+    where the fit stands); ``train_ce`` is the plain cross-entropy of the same ID batches."""
+
     epoch: int
     lr: float
     train_loss: float
     train_acc: float
     val_acc: float
     seconds: float
+    train_ce: float = float("nan")
 
 
 class Trainer:
@@ -238,7 +243,8 @@ class Trainer:
         if hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(state, self.model)
 
-    def train_epoch(self, epoch: int) -> tuple[float, float]:
+    def train_epoch(self, epoch: int) -> tuple[float, float, float]:
+        """One epoch; returns the mean objective, accuracy and plain CE on the ID batches."""
         r, d = self.recipe, self.dist
         for group in self.opt.param_groups:
             group["lr"] = r.lr_at(epoch)
@@ -248,7 +254,7 @@ class Trainer:
             self.objective.start_epoch(epoch, self.model, d.rank, d.world)
         self.net.train()
         # Running sums stay on the device: reading them every step would stall a GPU.
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         n_batches = len(self.train_set) // r.batch_size
         bar = tqdm(
             global_batches(len(self.train_set), r.batch_size, g),
@@ -272,21 +278,24 @@ class Trainer:
                     loss.detach() * y.numel(),
                     (logits.argmax(1) == y).sum(),
                     torch.tensor(y.numel(), device=self.device),
+                    F.cross_entropy(logits.detach(), y, reduction="sum"),
                 ]
             ).double()
             if step % 25 == 0 and not bar.disable:
                 s = sums.tolist()
-                bar.set_postfix(loss=f"{s[0] / s[2]:.4f}", acc=f"{s[1] / s[2]:.3f}")
+                bar.set_postfix(
+                    loss=f"{s[0] / s[2]:.4f}", ce=f"{s[3] / s[2]:.4f}", acc=f"{s[1] / s[2]:.3f}"
+                )
         if self.dist.world > 1:
             dist.all_reduce(sums)
-        loss_sum, correct, count = sums.tolist()
-        return loss_sum / count, correct / count
+        loss_sum, correct, count, ce_sum = sums.tolist()
+        return loss_sum / count, correct / count, ce_sum / count
 
     def fit(self) -> list[EpochStats]:
         r, history = self.recipe, []
         for epoch in range(self.start_epoch, r.epochs):
             t0 = time.perf_counter()
-            loss, acc = self.train_epoch(epoch)
+            loss, acc, ce = self.train_epoch(epoch)
             done = epoch + 1
             if self.dist.main and (done % r.save_every == 0 or done == r.epochs):
                 val_acc = accuracy(
@@ -294,7 +303,7 @@ class Trainer:
                     self.val_set.labels,
                 )
                 stats = EpochStats(
-                    done, r.lr_at(epoch), loss, acc, val_acc, time.perf_counter() - t0
+                    done, r.lr_at(epoch), loss, acc, val_acc, time.perf_counter() - t0, ce
                 )
                 self.save(stats)
                 history.append(stats)
@@ -320,6 +329,7 @@ class Trainer:
     def log(self, s: EpochStats) -> None:
         line = (
             f"epoch {s.epoch:3d}  lr {s.lr:.4f}  train loss {s.train_loss:.4f}  "
+            f"train CE {s.train_ce:.4f}  "
             f"train acc {100 * s.train_acc:.2f}  val acc {100 * s.val_acc:.2f}  "
             f"{s.seconds:.1f}s"
         )
@@ -337,10 +347,13 @@ def pretrain(
     resume: bool = False,
     progress: bool = True,
     on_save: Callable[[int, Classifier, dict], None] | None = None,
+    train_data: TrainingData | None = None,
 ) -> list[EpochStats]:
-    """Train ``recipe.model`` from scratch on ``benchmark``'s ID training split."""
-    from unleash_ood.models import create_model
-
+    """Train ``recipe.model`` from scratch on ``benchmark``'s ID training split, or on the
+    subset / noisy labels ``train_data`` describes (recorded in every checkpoint, so fine-tunes
+    of the model train on the same data; flipped indices in ``out/label_noise.json``)."""
+    train_data = train_data or TrainingData()
+    train_set, flipped = train_data.apply(benchmark.id_train)
     torch.manual_seed(recipe.seed)
     c, h, _ = benchmark.image_shape
     model = create_model(
@@ -352,16 +365,17 @@ def pretrain(
         **recipe.model_kwargs,
     )
     spec = model_spec(model, recipe.model, h, recipe.model_kwargs)
+    data_meta = {} if train_data.is_full else {"train_data": train_data.to_dict()}
     trainer = Trainer(
         model,
         recipe,
-        benchmark.id_train,
+        train_set,
         benchmark.id_val,
         out,
         device,
         spec,
         progress=progress,
-        extra_meta={"benchmark": benchmark.name},
+        extra_meta={"benchmark": benchmark.name, **data_meta},
         on_save=on_save,
     )
     if trainer.dist.main:
@@ -374,8 +388,19 @@ def pretrain(
         if not resume:
             atomic_write_json(
                 out / "config.json",
-                {"command": "pretrain", "benchmark": benchmark.name, "recipe": asdict(recipe)},
+                {
+                    "command": "pretrain",
+                    "benchmark": benchmark.name,
+                    "recipe": asdict(recipe),
+                    "train_data": train_data.to_dict(),
+                    "train_size": len(train_set),
+                },
             )
+            if train_data.label_noise:
+                atomic_write_json(
+                    out / "label_noise.json",
+                    {**train_data.to_dict(), "flipped": flipped.tolist()},
+                )
     if resume:
         trainer.resume()
     return trainer.fit()

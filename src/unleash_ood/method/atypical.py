@@ -117,3 +117,19 @@ def plot_grid(
     )
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def precision_at_k(
+    a: Atypicality, flipped: np.ndarray, ks: tuple[int, ...] = (100, 500, 1000)
+) -> dict[str, float]:
+    """How many of the ``k`` most atypical samples carry a flipped label, for each ``k`` (and
+    for ``k`` = the number flipped): a direct test of whether random masks find memorised
+    samples. Chance is the noise rate, ``len(flipped) / n``."""
+    order = np.argsort(-a.delta, kind="stable")
+    is_flipped = np.zeros(len(a.delta), dtype=bool)
+    is_flipped[flipped] = True
+    out = {"chance": float(is_flipped.mean()), "n_flipped": int(is_flipped.sum())}
+    for k in sorted({*(k for k in ks if k <= len(order)), int(is_flipped.sum())}):
+        if k > 0:
+            out[f"precision@{k}"] = float(is_flipped[order[:k]].mean())
+    return out
