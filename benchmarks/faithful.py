@@ -97,7 +97,9 @@ def noisy_model(runs: Path, seed: int) -> Path:
 
 def finetune_arm(name: str, out: Path, start: Path, extra: list[str], seed: int) -> Arm:
     args = ["finetune", "--from", str(start), "--seed", str(seed), *extra]
-    return Arm(name, out, lambda: args, out / "checkpoints" / "final", needs=[start])
+    return Arm(
+        name, out, lambda: args, out / "checkpoints" / "final", needs=[start.with_suffix(".json")]
+    )
 
 
 def method_arms(phase: str, runs: Path, seed: int, start: Path, extra: list[str]) -> list[Arm]:
