@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 import pytest
 import torch
@@ -130,24 +131,43 @@ def test_atypical_command(capsys, fmnist_dir, tiny_checkpoint, tmp_path) -> None
     assert (out / "atypical.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_demo_runs_end_to_end(capsys, monkeypatch, fmnist_dir, tiny_checkpoint, tmp_path) -> None:
+def test_demo_trains_then_shows_shipped_finetunes(
+    capsys, monkeypatch, fmnist_dir, tiny_checkpoint, tmp_path
+) -> None:
+    """--quick remakes the three fine-tunes; the default demo then loads them as the shipped
+    ones, names each row's recipe, and runs the live UM fine-tune."""
     from unleash_ood import demo
 
-    monkeypatch.setattr(demo, "shipped_checkpoint", lambda: tiny_checkpoint)
+    shipped = {None: tiny_checkpoint}
+    monkeypatch.setattr(demo, "shipped_checkpoint", lambda method=None: shipped[method])
     monkeypatch.setattr(
         demo.DemoPlan,
         "quick",
-        classmethod(lambda cls: cls(epochs=1, train_images=600, n_masks=2, scorers="msp,energy")),
+        classmethod(
+            lambda cls: cls(train=True, recipe="quick", train_images=600, n_masks=2, live_epochs=0)
+        ),
     )
-    out = tmp_path / "demo"
-    code = main(["demo", "--quick", "--out", str(out), "--data-dir", str(fmnist_dir), *COMMON])
+    trained = tmp_path / "trained"
+    code = main(["demo", "--quick", "--out", str(trained), "--data-dir", str(fmnist_dir), *COMMON])
     printed, err = capsys.readouterr()
     assert code == 0, err
-    assert "| umap | energy |" in printed and "| base | all |" in printed
-    result = json.loads((out / "demo.json").read_text())
+    assert "| UMAP | quick recipe: 3 epochs, lr 0.1 cosine, xi " in printed
+    assert "not the method's result" in printed
+    result = json.loads((trained / "demo.json").read_text())
     assert set(result["evaluations"]) == {"base", "ce", "um", "umap"}
-    assert (out / "comparison.png").exists() and (out / "umap" / "sparsity.json").exists()
-    assert main(["demo", "--out", str(out), *COMMON]) == 2  # never overwrites a finished demo
+    assert result["train_images"] == 600 and (trained / "config.json").exists()
+    assert (trained / "comparison.png").exists() and (trained / "umap" / "sparsity.json").exists()
+    assert main(["demo", "--out", str(trained), *COMMON]) == 2  # never overwrites a demo
+
+    shipped.update({m: trained / m / "checkpoints" / "final" for m in ("ce", "um", "umap")})
+    monkeypatch.setattr(demo, "DemoPlan", partial(demo.DemoPlan, live_images=300))
+    shown = tmp_path / "shown"
+    code = main(["demo", "--out", str(shown), "--data-dir", str(fmnist_dir), *COMMON])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert "| base | pretrained: " in printed and "| CE control | quick recipe: 3 epochs" in printed
+    assert "## Live: UM on 300 training images at xi = " in printed
+    assert "train CE" in printed and not (shown / "ce").exists()
 
 
 def test_finetune_validate_picks_xi_on_validation_data(

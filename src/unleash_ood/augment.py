@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
+from unleash_ood.specs import AUGMENTATIONS as AUGMENTATIONS
 
 
 def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:

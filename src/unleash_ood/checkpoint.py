@@ -10,6 +10,7 @@ exists is complete, and an interrupted write leaves the previous checkpoint inta
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,23 @@ from unleash_ood.errors import UserError
 from unleash_ood.models import Classifier, create_model
 
 FORMAT = "unleash-ood/1"
+SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def shipped_models() -> list[str]:
+    """Names of the models that ship with the package (``fmnist_cnn``, ...)."""
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.json"))
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights, sidecar) for ``x``, ``x.safetensors`` or ``x.json``."""
+    """(weights, sidecar) for ``x``, ``x.safetensors`` or ``x.json``; a bare name that is no
+    local file, such as ``fmnist_cnn``, names a model shipped with the package."""
     p = Path(path)
     stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    if len(stem.parts) == 1 and not stem.with_name(stem.name + ".json").exists():
+        shipped = SHIPPED_DIR / stem.name
+        if shipped.with_name(stem.name + ".json").exists():
+            stem = shipped
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
@@ -90,34 +102,85 @@ def save_checkpoint(
 
 
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of checkpoint ``path``, checked against the schema (it is untrusted input)."""
     weights, sidecar = checkpoint_paths(path)
-    if not sidecar.exists() or not weights.exists():
+    if not sidecar.is_file() or not weights.is_file():
+        names = ", ".join(shipped_models())
         raise UserError(
-            f"no checkpoint at {path}: expected {weights.name} and {sidecar.name} "
-            f"in {weights.parent}"
+            f"no checkpoint at {path}: expected files {weights.name} and {sidecar.name} "
+            f"in {weights.parent} (or a shipped model: {names})"
         )
     try:
         meta = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{sidecar} is not valid JSON ({e}); the checkpoint is damaged") from e
+    check_sidecar(meta, sidecar)
+    return meta
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _numbers(v: Any, n: int) -> bool:
+    return (
+        isinstance(v, list)
+        and len(v) == n
+        and all(isinstance(x, int | float) and not isinstance(x, bool) for x in v)
+        and all(math.isfinite(x) for x in v)
+    )
+
+
+def check_sidecar(meta: Any, sidecar: Path) -> None:
+    """Refuse a sidecar that cannot describe a model: wrong type, missing or malformed keys."""
+    if not isinstance(meta, dict):
+        raise UserError(f"{sidecar} holds a JSON {type(meta).__name__}, not a checkpoint sidecar")
     if meta.get("format") != FORMAT:
         raise UserError(
             f"{sidecar} is not an unleash-ood checkpoint sidecar "
             f"(format {meta.get('format')!r}, expected {FORMAT!r})"
         )
-    return meta
+    problems = [
+        key
+        for key, ok in (
+            ("architecture", isinstance(meta.get("architecture"), str)),
+            ("model_kwargs", isinstance(meta.get("model_kwargs", {}), dict)),
+            ("num_classes", _positive_int(meta.get("num_classes"))),
+            ("in_channels", _positive_int(meta.get("in_channels"))),
+            ("input_size", _positive_int(meta.get("input_size"))),
+            ("mean", _numbers(meta.get("mean"), meta.get("in_channels"))),
+            ("std", _numbers(meta.get("std"), meta.get("in_channels"))),
+            ("umap", isinstance(meta.get("umap", {}), dict | type(None))),
+        )
+        if not ok
+    ]
+    if not problems and any(x <= 0 for x in meta["std"]):
+        problems.append("std")
+    if problems:
+        raise UserError(
+            f"{sidecar} is damaged: {', '.join(problems)} missing or malformed "
+            f"(see the checkpoint format in docs/architecture.md)"
+        )
 
 
 def build_model(meta: dict[str, Any]) -> Classifier:
     """The architecture a sidecar describes; UMAP runs get their masked layers back."""
-    model = create_model(
-        meta["architecture"],
-        num_classes=meta["num_classes"],
-        in_channels=meta["in_channels"],
-        mean=meta["mean"],
-        std=meta["std"],
-        **meta.get("model_kwargs", {}),
-    )
+    try:
+        model = create_model(
+            meta["architecture"],
+            num_classes=meta["num_classes"],
+            in_channels=meta["in_channels"],
+            mean=meta["mean"],
+            std=meta["std"],
+            **meta.get("model_kwargs", {}),
+        )
+    except (TypeError, ValueError, RuntimeError) as e:
+        if isinstance(e, UserError):
+            raise
+        raise UserError(
+            f"the sidecar's architecture {meta['architecture']!r} with options "
+            f"{meta.get('model_kwargs', {})} cannot be built ({e}); the checkpoint is damaged"
+        ) from e
     if meta.get("umap"):
         from unleash_ood.method.umap import apply_umap
 

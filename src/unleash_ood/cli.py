@@ -6,9 +6,27 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 from unleash_ood.errors import UserError
+from unleash_ood.rundir import append_log, check_out
+from unleash_ood.specs import (
+    DEFAULT_WEIGHT,
+    METHODS,
+    OUTLIER_METHODS,
+    RECIPES,
+    XI_REDUCTIONS,
+    FinetuneSpec,
+    OutlierSpec,
+    Recipe,
+    default_recipe_name,
+    finetune_recipe,
+)
+
+# Every sub-command's handler imports what it needs (PyTorch included) when it runs, so that
+# the parser, and with it ``unleash --help``, loads nothing heavy.
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
@@ -61,6 +79,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from unleash_ood.report import evaluation_markdown, write_evaluation
     from unleash_ood.scores import parse_scorer_list
 
+    out = Path(args.out)
+    check_out(out)
     scorers = parse_scorer_list(args.scores)  # fail on a bad name before any heavy work
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     device = resolve_device(args.device)
@@ -76,11 +96,15 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         cache_dir=args.cache,
         progress=not args.no_progress,
     )
-    out = Path(args.out)
     write_evaluation(
-        ev, out, config={**_config(args), "checkpoint_meta": meta, "sizes": bench.sizes()}
+        ev,
+        out,
+        config={**_config(args), "checkpoint_meta": meta, "sizes": bench.sizes()},
+        model=args.checkpoint,
     )
-    print(evaluation_markdown(ev, summary_only=True))
+    summary = evaluation_markdown(ev, summary_only=True)
+    append_log(out, f"unleash evaluate --checkpoint {args.checkpoint}\n{summary}")
+    print(summary)
     print(f"Full tables and histograms in {out}/")
 
 
@@ -123,7 +147,9 @@ def _add_track_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="recompute BatchNorm statistics on training data before evaluating",
     )
-    p.add_argument("--eval-batch-size", type=int, default=512)
+    p.add_argument(
+        "--eval-batch-size", type=int, default=512, help="batch size of the OOD evaluations"
+    )
 
 
 def cmd_track(args: argparse.Namespace) -> None:
@@ -150,7 +176,6 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from unleash_ood.train import pretrain
 
     recipe = _recipe_from(args, model=args.model, model_kwargs=_model_kwargs(args.model_arg))
-    recipe.check()
     train_data = TrainingData(args.train_size, args.label_noise, recipe.seed)
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
@@ -180,29 +205,46 @@ def _add_recipe_args(p: argparse.ArgumentParser, defaults) -> None:
     def default(name: str):
         return None if defaults is None else getattr(defaults, name)
 
-    p.add_argument("--seed", type=int, default=default("seed"), help="random seed of the run")
+    def helped(text: str) -> str:
+        return text if defaults is not None else f"{text} (default: the --recipe's value)"
+
     p.add_argument(
-        "--save-every", type=int, default=default("save_every"), help="checkpoint every k epochs"
+        "--seed", type=int, default=default("seed"), help=helped("random seed of the run")
     )
-    p.add_argument("--epochs", type=int, default=default("epochs"), help="epochs to train")
-    p.add_argument("--batch-size", type=int, default=default("batch_size"), help="global batch")
-    p.add_argument("--lr", type=float, default=default("lr"), help="peak learning rate")
-    p.add_argument("--momentum", type=float, default=default("momentum"), help="SGD momentum")
+    p.add_argument(
+        "--save-every",
+        type=int,
+        default=default("save_every"),
+        help=helped("checkpoint every k epochs"),
+    )
+    p.add_argument("--epochs", type=int, default=default("epochs"), help=helped("epochs to train"))
+    p.add_argument(
+        "--batch-size", type=int, default=default("batch_size"), help=helped("global batch")
+    )
+    p.add_argument("--lr", type=float, default=default("lr"), help=helped("peak learning rate"))
+    p.add_argument(
+        "--momentum", type=float, default=default("momentum"), help=helped("SGD momentum")
+    )
     p.add_argument(
         "--nesterov",
         action=argparse.BooleanOptionalAction,
         default=default("nesterov"),
-        help="Nesterov momentum",
+        help=helped("Nesterov momentum"),
     )
     p.add_argument(
-        "--weight-decay", type=float, default=default("weight_decay"), help="L2 weight decay"
+        "--weight-decay",
+        type=float,
+        default=default("weight_decay"),
+        help=helped("L2 weight decay"),
     )
     p.add_argument(
         "--schedule",
         default=default("schedule"),
-        help="step (/10 at 50%% and 75%% of the epochs), cosine or constant",
+        help=helped("step (/10 at 50%% and 75%% of the epochs), cosine or constant"),
     )
-    p.add_argument("--augment", default=default("augment"), help="none, flip, crop, crop+flip")
+    p.add_argument(
+        "--augment", default=default("augment"), help=helped("none, flip, crop, crop+flip")
+    )
 
 
 RECIPE_FLAGS = (
@@ -222,17 +264,11 @@ RECIPE_FLAGS = (
 def _recipe_from(args: argparse.Namespace, base=None, **fixed):
     """The recipe of the flags: ``base``'s values (default: Recipe()) with every flag given
     explicitly (not None) on top, and ``fixed`` last."""
-    from dataclasses import replace
-
-    from unleash_ood.train import Recipe
-
     given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
     return replace(base or Recipe(), **given, **fixed)
 
 
-def _outlier_spec(args: argparse.Namespace):
-    from unleash_ood.method.outliers import OutlierSpec
-
+def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
     if args.outliers is None:
         return None
     return OutlierSpec(
@@ -252,12 +288,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
-    from unleash_ood.method.finetune import (
-        FinetuneSpec,
-        default_recipe_name,
-        finetune,
-        finetune_recipe,
-    )
+    from unleash_ood.method.finetune import finetune
 
     start = read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
     spec = FinetuneSpec(
@@ -271,7 +302,6 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         xi_grid=tuple(float(v) for v in args.xi_grid.split(",")),
         outliers=_outlier_spec(args),
     )
-    spec.check()
     recipe_name = args.recipe or default_recipe_name(spec.outliers is not None)
     recipe = _recipe_from(
         args,
@@ -279,7 +309,6 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         model=start["architecture"],
         model_kwargs=start.get("model_kwargs", {}),
     )
-    recipe.check()
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
     tracker = _tracker(args, bench, device) if args.track else None
@@ -316,49 +345,65 @@ def cmd_atypical(args: argparse.Namespace) -> None:
     from unleash_ood.device import resolve_device
     from unleash_ood.method.atypical import atypicality, plot_grid, precision_at_k, ranking_rows
 
+    out = Path(args.out)
+    check_out(out)
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
     model, meta = load_checkpoint(args.from_, device, bench.num_classes, bench.image_shape)
     # The samples the model was trained on, with the labels it was trained on (a noisy run's).
     train, flipped = TrainingData.from_dict(meta.get("train_data")).apply(bench.id_train)
-    a = atypicality(model, train, args.mask_fraction, args.n_masks, args.seed, device)
+    a = atypicality(
+        model,
+        train,
+        args.mask_fraction,
+        args.n_masks,
+        args.seed,
+        device,
+        progress=not args.no_progress,
+    )
     rows = ranking_rows(a, train.labels.numpy())
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {"command": "atypical", **_config(args)})
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["rank", "index", "label", "prediction", "loss", "masked_loss", "delta"])
     w.writerows(rows)
     atomic_write_bytes(out / "atypical.csv", buf.getvalue().encode())
     plot_grid(a, train, bench.class_names, out / "atypical.png")
-    print(
+    lines = [
         f"ranked {len(rows):,} training samples into {out}/atypical.csv and atypical.png; "
         f"mean loss {a.loss.mean():.4f} -> {a.masked_loss.mean():.4f} under "
         f"{args.n_masks} random masks of {100 * args.mask_fraction:.1f} %"
-    )
+    ]
     if len(flipped):
         found = precision_at_k(a, flipped)
         atomic_write_json(out / "label_noise_precision.json", found)
         cells = ", ".join(f"{k} {v:.3f}" for k, v in found.items() if k.startswith("precision"))
-        print(
+        lines.append(
             f"flipped labels among the most atypical: {cells} (chance {found['chance']:.3f}); "
             f"in {out}/label_noise_precision.json"
         )
+    append_log(out, "\n".join(lines))
+    print("\n".join(lines))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     import time
 
+    from unleash_ood.checkpoint import atomic_write_json
     from unleash_ood.demo import DemoPlan, run_demo
     from unleash_ood.device import resolve_device
 
     out = Path(args.out or time.strftime("unleash-demo-%Y%m%d-%H%M%S"))
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty; choose another --out")
-    plan = DemoPlan.quick() if args.quick else DemoPlan()
-    result = run_demo(
-        out, args.data_dir, resolve_device(args.device), plan, progress=not args.no_progress
-    )
+    if args.quick and args.train:
+        raise UserError("--quick already retrains (with the quick recipe); pass one of the two")
+    plan = DemoPlan.quick() if args.quick else DemoPlan(train=args.train)
+    device = resolve_device(args.device)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "config.json", {"command": "demo", **_config(args)})
+    result = run_demo(out, args.data_dir, device, plan, progress=not args.no_progress)
     print((out / "demo.md").read_text())
     print(f"finished in {result['seconds'] / 60:.1f} min; tables and plots in {out}/")
 
@@ -375,8 +420,6 @@ def _add_training_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_outlier_args(p: argparse.ArgumentParser) -> None:
-    from unleash_ood.method.outliers import DEFAULT_WEIGHT, OUTLIER_METHODS, OutlierSpec
-
     d = OutlierSpec()
     g = p.add_argument_group("outlier exposure")
     g.add_argument(
@@ -422,11 +465,24 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show (None, off, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="unleash", description="OOD detection for image classifiers (Unleashing Mask)."
+        prog="unleash",
+        description="OOD detection for image classifiers (Unleashing Mask).",
+        formatter_class=_HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser = partial(sub.add_parser, formatter_class=_HelpFormatter)
 
     p = sub.add_parser("datasets", help="list datasets and suites, and which are available here")
     p.add_argument("--data-dir", default=None, help="folder holding datasets")
@@ -441,8 +497,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     _add_run_args(p)
     p.set_defaults(func=cmd_evaluate)
-
-    from unleash_ood.train import Recipe
 
     p = sub.add_parser("pretrain", help="train a classifier from scratch, checkpointing each epoch")
     p.add_argument("--model", default="cnn", help="architecture (cnn, resnet18, wrn40_2, ...)")
@@ -470,9 +524,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training_run_args(p)
     p.set_defaults(func=cmd_pretrain)
-
-    from unleash_ood.method.constraint import XI_REDUCTIONS
-    from unleash_ood.method.finetune import METHODS, RECIPES, FinetuneSpec
 
     d = FinetuneSpec()
     p = sub.add_parser("finetune", help="fine-tune a trained model with UM, UMAP or plain CE")
@@ -538,20 +589,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("atypical", help="rank training samples by how atypical they are")
-    p.add_argument("--from", dest="from_", required=True, metavar="CKPT")
+    p.add_argument(
+        "--from",
+        dest="from_",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint to analyse (a path, or a shipped model's name such as fmnist_cnn)",
+    )
     p.add_argument("--out", required=True, help="folder for atypical.csv and atypical.png")
     p.add_argument("--n-masks", type=int, default=5, help="random masks averaged")
     p.add_argument(
         "--mask-fraction", type=float, default=0.035, help="fraction of weights zeroed per layer"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_data_args(p)
     p.set_defaults(func=cmd_atypical)
 
     p = sub.add_parser("demo", help="UM, UMAP and the CE control on the embedded benchmark")
     p.add_argument("--out", default=None, help="run directory (default: unleash-demo-<time>)")
-    p.add_argument("--quick", action="store_true", help="a 1-2 minute version")
+    p.add_argument(
+        "--train",
+        action="store_true",
+        help="remake the CE, UM and UMAP fine-tunes with the paper recipe instead of loading "
+        "the shipped ones (hours on a CPU)",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="remake them with the 3-epoch quick recipe on 10,000 images: the mechanics in a "
+        "few minutes, not the method's result",
+    )
     p.add_argument("--data-dir", default=None, help="folder holding Fashion-MNIST")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

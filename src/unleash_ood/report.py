@@ -1,4 +1,8 @@
-"""Tables (Markdown, CSV, JSON) and plots of evaluations. Reports show metrics x100."""
+"""Tables (Markdown, CSV, JSON) and plots of evaluations. Reports show metrics x100.
+
+matplotlib is imported by the plotting functions, on first use, and the backend is never set
+here: importing this module changes nothing for a notebook user.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +10,6 @@ import csv
 import io
 from collections.abc import Sequence
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
 from unleash_ood.evaluate import Evaluation
@@ -98,8 +97,14 @@ def evaluation_csv(ev: Evaluation) -> str:
     return buf.getvalue()
 
 
-def plot_histograms(ev: Evaluation, path: Path, split: str = "test") -> None:
-    """One row per scorer, one panel per OOD set: ID vs OOD score histograms."""
+def plot_histograms(
+    ev: Evaluation, path: Path, split: str = "test", model: str | None = None
+) -> None:
+    """One row per scorer, one panel per OOD set: ID vs OOD score histograms; ``model``
+    names the model in the title."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     by_scorer = ev.scores.get(split, {})
     if not by_scorer:
         return
@@ -119,25 +124,34 @@ def plot_histograms(ev: Evaluation, path: Path, split: str = "test") -> None:
             ax.hist(scores["id"], bins=bins, range=(lo, hi), alpha=0.55, density=True, label="ID")
             ax.hist(scores[name], bins=bins, range=(lo, hi), alpha=0.55, density=True, label="OOD")
             ax.set_yticks([])
+            # Three ticks at most: scores such as ODIN's differ in the fifth digit, and more
+            # ticks of such long labels overlap in a narrow panel.
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
             ax.tick_params(labelsize=6)
             if i == 0:
                 ax.set_title(name, fontsize=8)
             if j == 0:
                 ax.set_ylabel(scorer, fontsize=8)
     axes[0, 0].legend(fontsize=6)
-    fig.suptitle(f"{ev.benchmark}: score histograms, ID ({split}) vs each OOD set", fontsize=9)
+    about = f"{model} on {ev.benchmark}" if model else ev.benchmark
+    fig.suptitle(f"{about}: score histograms, ID ({split}) vs each OOD set", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
     save_figure(fig, path)
 
 
 def save_figure(fig, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically and close it."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
-def write_evaluation(ev: Evaluation, out: Path, config: dict | None = None) -> None:
+def write_evaluation(
+    ev: Evaluation, out: Path, config: dict | None = None, model: str | None = None
+) -> None:
     """DIR/metrics.json (fractions), metrics.md and metrics.csv (x100), histograms.png."""
     out.mkdir(parents=True, exist_ok=True)
     if config is not None:
@@ -145,4 +159,4 @@ def write_evaluation(ev: Evaluation, out: Path, config: dict | None = None) -> N
     atomic_write_json(out / "metrics.json", {**ev.to_dict(), "scale": "fraction"})
     atomic_write_bytes(out / "metrics.md", evaluation_markdown(ev).encode())
     atomic_write_bytes(out / "metrics.csv", evaluation_csv(ev).encode())
-    plot_histograms(ev, out / "histograms.png")
+    plot_histograms(ev, out / "histograms.png", model=model)

@@ -9,11 +9,10 @@ buffers, epoch; the schedule is a function of the epoch) reproduces an uninterru
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from unleash_ood.augment import AUGMENTATIONS, augment
+from unleash_ood.augment import augment
 from unleash_ood.checkpoint import atomic_write_json, model_spec, read_sidecar, save_checkpoint
 from unleash_ood.data.base import ImageSet
 from unleash_ood.data.noise import TrainingData
@@ -33,8 +32,8 @@ from unleash_ood.errors import UserError
 from unleash_ood.evaluate import forward_outputs
 from unleash_ood.metrics import accuracy
 from unleash_ood.models import Classifier, create_model
-
-SCHEDULES = ("cosine", "step", "constant")
+from unleash_ood.specs import SCHEDULES as SCHEDULES
+from unleash_ood.specs import Recipe as Recipe
 
 # An objective maps (model, images, labels) to (loss, logits); cross-entropy is the default.
 # It may also define ``start_epoch(epoch, model, rank, world)``, called before every epoch, and
@@ -45,42 +44,6 @@ Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     logits = model(x)
     return F.cross_entropy(logits, y), logits
-
-
-@dataclass
-class Recipe:
-    """Every knob of a training run; written into the run directory and each checkpoint."""
-
-    model: str = "cnn"
-    model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    augment: str = "flip"
-    seed: int = 0
-    save_every: int = 1
-
-    def check(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
-        if self.augment not in AUGMENTATIONS:
-            raise UserError(
-                f"unknown augmentation {self.augment!r}; choose {', '.join(AUGMENTATIONS)}"
-            )
-        if self.epochs < 1 or self.batch_size < 1 or self.save_every < 1:
-            raise UserError("epochs, batch size and save-every must be positive")
-
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate for (0-based) ``epoch``: cosine to 0, or /10 at 50 % and 75 %."""
-        if self.schedule == "cosine":
-            return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
-        if self.schedule == "step":
-            return self.lr * 0.1 ** sum(epoch >= f * self.epochs for f in (0.5, 0.75))
-        return self.lr
 
 
 @dataclass(frozen=True)

@@ -40,18 +40,21 @@ def atypicality(
     seed: int = 0,
     device: torch.device | str = "cpu",
     batch_size: int = 512,
+    progress: bool = False,
 ) -> Atypicality:
     device = torch.device(device)
-    loss = per_sample_losses(model, data, "none", seed, device, batch_size)
+
+    def losses(net: torch.nn.Module, label: str) -> torch.Tensor:
+        return per_sample_losses(
+            net, data, "none", seed, device, batch_size, label if progress else None
+        )
+
+    loss = losses(model, "atypical: unmasked model")
     masked = torch.stack(
         [
-            per_sample_losses(
+            losses(
                 masked_copy(model, mask_fraction, torch.Generator().manual_seed(seed * 1000 + i)),
-                data,
-                "none",
-                seed,
-                device,
-                batch_size,
+                f"atypical: mask {i + 1}/{n_masks}",
             )
             for i in range(n_masks)
         ]

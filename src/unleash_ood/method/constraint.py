@@ -15,11 +15,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from unleash_ood.augment import augment
 from unleash_ood.data.base import ImageSet
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
+from unleash_ood.specs import XI_REDUCTIONS as XI_REDUCTIONS
 
 
 def um_loss(ce_batch: torch.Tensor, xi: float) -> torch.Tensor:
@@ -62,13 +64,22 @@ def per_sample_losses(
     seed: int,
     device: torch.device,
     batch_size: int = 512,
+    progress: str | None = None,
 ) -> torch.Tensor:
     """Eval-mode cross-entropy of every training sample, augmented with a seeded generator
-    (so the masked and the unmasked model see identical images)."""
+    (so the masked and the unmasked model see identical images). ``progress``: the label of a
+    progress bar, or None for none."""
     model.eval()
     g = torch.Generator().manual_seed(seed)
     losses = []
-    for x, y in data.batches(batch_size):
+    batches = tqdm(
+        data.batches(batch_size),
+        total=-(-len(data) // batch_size),
+        desc=progress,
+        leave=False,
+        disable=progress is None,
+    )
+    for x, y in batches:
         x = augment(x, augmentation, g, padding=x.shape[-1] // 8)
         logits = model(to_device(x, device))
         losses.append(F.cross_entropy(logits, y.to(device), reduction="none").double().cpu())
@@ -82,11 +93,10 @@ def mean_train_loss(
     seed: int,
     device: torch.device,
     batch_size: int = 512,
+    progress: str | None = None,
 ) -> float:
-    return float(per_sample_losses(model, data, augmentation, seed, device, batch_size).mean())
-
-
-XI_REDUCTIONS = ("mean", "median")
+    losses = per_sample_losses(model, data, augmentation, seed, device, batch_size, progress)
+    return float(losses.mean())
 
 
 @dataclass(frozen=True)
@@ -123,6 +133,7 @@ def estimate_loss_constraint(
     device: torch.device | str = "cpu",
     batch_size: int = 512,
     reduction: str = "mean",
+    progress: bool = False,
 ) -> XiEstimate:
     """The official estimate of xi (``estimate_loss.py``): mean CE of the model with a random
     ``mask_fraction`` of each conv/linear layer's weights zeroed, in eval mode, over the
@@ -145,11 +156,12 @@ def estimate_loss_constraint(
     per_mask = []
     for i in range(n_masks):
         g = torch.Generator().manual_seed(seed * 1000 + i)
+        label = f"xi: mask {i + 1}/{n_masks}" if progress else None
+        masked = masked_copy(model, mask_fraction, g)
         per_mask.append(
-            mean_train_loss(
-                masked_copy(model, mask_fraction, g), data, augmentation, seed, device, batch_size
-            )
+            mean_train_loss(masked, data, augmentation, seed, device, batch_size, label)
         )
-    base = mean_train_loss(model, data, augmentation, seed, device, batch_size)
+    label = "xi: unmasked model" if progress else None
+    base = mean_train_loss(model, data, augmentation, seed, device, batch_size, label)
     xi = float(np.mean(per_mask) if reduction == "mean" else np.median(per_mask))
     return XiEstimate(xi, tuple(per_mask), base, mask_fraction, reduction)

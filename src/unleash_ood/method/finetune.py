@@ -7,7 +7,6 @@ it, because a few more epochs at a small learning rate change OOD metrics on the
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,53 +26,21 @@ from unleash_ood.data.noise import TrainingData
 from unleash_ood.errors import UserError
 from unleash_ood.evaluate import evaluate
 from unleash_ood.method.constraint import (
-    XI_REDUCTIONS,
     UMObjective,
     XiEstimate,
     estimate_loss_constraint,
     mean_train_loss,
 )
-from unleash_ood.method.outliers import OutlierObjective, OutlierSpec
+from unleash_ood.method.outliers import OutlierObjective
+from unleash_ood.specs import METHODS as METHODS
+from unleash_ood.specs import PAPER_RECIPE
+from unleash_ood.specs import RECIPES as RECIPES
+from unleash_ood.specs import FinetuneSpec as FinetuneSpec
+from unleash_ood.specs import default_recipe_name as default_recipe_name
+from unleash_ood.specs import finetune_recipe as finetune_recipe
 from unleash_ood.train import Objective, Recipe, Trainer, cross_entropy
 
-METHODS = ("um", "umap", "ce")
-
-# The official code's fine-tuning recipes (tmlr-group/Unleashing-Mask,
-# configs/smallscale/densenet_cifar10*.yaml): from the well-trained model, SGD momentum 0.9
-# (no Nesterov, although the paper says Nesterov), weight decay 1e-4, batch 256, lr cosine per
-# epoch; 100 epochs at lr 0.1 without outliers (a warm-started retrain under the constraint, and
-# what repairs UMAP's random initial mask), 10 epochs at lr 0.01 with outlier exposure.
-# ``quick`` is a 3-epoch demonstration of the mechanics, not the method's result: at its
-# lr 0.01, UM is mostly a short burst of gradient ascent, so UMAP's mask scores keep lr 0.1.
-PAPER_RECIPE = Recipe(
-    epochs=100, batch_size=256, lr=0.1, weight_decay=1e-4, schedule="cosine", augment="flip"
-)
-RECIPES = {
-    "paper": PAPER_RECIPE,
-    "paper-oe": replace(PAPER_RECIPE, epochs=10, lr=0.01),
-    "quick": replace(PAPER_RECIPE, epochs=3, lr=0.01),
-}
-QUICK_UMAP_LR = 0.1
 FINETUNE_RECIPE = PAPER_RECIPE  # earlier name of the default recipe
-
-
-def default_recipe_name(outliers: bool) -> str:
-    """``paper`` without outlier exposure, ``paper-oe`` with it (as the official configs)."""
-    return "paper-oe" if outliers else "paper"
-
-
-def finetune_recipe(
-    method: str = "um", name: str | None = None, outliers: bool = False, **changes
-) -> Recipe:
-    """Fine-tuning recipe ``name`` (default: :func:`default_recipe_name`) for ``method``, with
-    ``changes`` (any explicit value overrides the recipe's)."""
-    name = name or default_recipe_name(outliers)
-    if name not in RECIPES:
-        raise UserError(f"unknown recipe {name!r}; choose {', '.join(RECIPES)}")
-    base = RECIPES[name]
-    if name == "quick" and method == "umap":
-        base = replace(base, lr=QUICK_UMAP_LR)
-    return replace(base, **changes)
 
 
 @dataclass
@@ -85,43 +52,6 @@ class XiChoice:
     train_loss: float | None = None
     estimate: dict[str, Any] | None = None
     grid: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class FinetuneSpec:
-    """What to fine-tune and how; see ``unleash finetune --help`` for each field."""
-
-    method: str = "um"
-    xi: str = "estimate"
-    keep: float = 0.8
-    train_weights: bool = False
-    n_masks: int = 5
-    mask_fraction: float = 0.035
-    xi_reduction: str = "mean"
-    xi_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    acc_tolerance: float = 0.01
-    outliers: OutlierSpec | None = None  # outlier exposure beside the ID term
-
-    def check(self) -> None:
-        if self.outliers is not None:
-            self.outliers.check()
-        if self.method not in METHODS:
-            raise UserError(f"unknown method {self.method!r}; choose {', '.join(METHODS)}")
-        if self.xi not in ("estimate", "validate"):
-            try:
-                value = float(self.xi)
-            except ValueError as e:
-                raise UserError(
-                    f"--xi takes estimate, validate or a number, not {self.xi!r}"
-                ) from e
-            if not math.isfinite(value) or value <= 0:
-                raise UserError(f"--xi must be a positive finite number, not {self.xi!r}")
-        if self.xi_reduction not in XI_REDUCTIONS:
-            raise UserError(
-                f"--xi-reduction takes {' or '.join(XI_REDUCTIONS)}, not {self.xi_reduction!r}"
-            )
-        if not 0 < self.keep <= 1:
-            raise UserError(f"--keep must be in (0, 1], got {self.keep}")
 
 
 def noop_error(xi: float, train_loss: float) -> UserError:
@@ -243,7 +173,12 @@ def run_finetune(
 
 
 def _estimate(
-    model, benchmark: Benchmark, spec: FinetuneSpec, recipe: Recipe, device: torch.device
+    model,
+    benchmark: Benchmark,
+    spec: FinetuneSpec,
+    recipe: Recipe,
+    device: torch.device,
+    progress: bool,
 ) -> XiEstimate:
     return estimate_loss_constraint(
         model,
@@ -254,6 +189,7 @@ def _estimate(
         recipe.augment,
         device,
         reduction=spec.xi_reduction,
+        progress=progress,
     )
 
 
@@ -273,10 +209,13 @@ def choose_xi(
     if spec.xi == "validate":
         return validate_xi(model, benchmark, start, spec, recipe, out, device, progress)
     if spec.xi == "estimate":
-        est = _estimate(model, benchmark, spec, recipe, device)
+        est = _estimate(model, benchmark, spec, recipe, device, progress)
         choice = XiChoice("estimate", est.xi, est.train_loss, est.to_dict())
     else:
-        loss = mean_train_loss(model, benchmark.id_train, recipe.augment, recipe.seed, device)
+        label = "training loss" if progress else None
+        loss = mean_train_loss(
+            model, benchmark.id_train, recipe.augment, recipe.seed, device, progress=label
+        )
         choice = XiChoice("given", float(spec.xi), loss)
     if choice.xi <= choice.train_loss:
         raise noop_error(choice.xi, choice.train_loss)
@@ -296,7 +235,7 @@ def validate_xi(
     """Fine-tune once per candidate xi (multiples of the random-mask estimate) and keep the one
     with the best mean Energy AUROC on the OOD *validation* sets among candidates whose ID
     validation accuracy stays within ``acc_tolerance`` of the starting model's."""
-    est = _estimate(model, benchmark, spec, recipe, device)
+    est = _estimate(model, benchmark, spec, recipe, device, progress)
     base_acc = evaluate(
         model, benchmark, "energy", splits=("val",), device=device, progress=False
     ).accuracy["id_val"]
@@ -399,6 +338,6 @@ def finetune(
         resume,
         progress,
         on_save,
-        extra={"xi_source": choice.source},
+        extra={"xi_source": choice.source, "recipe_name": recipe_name},
     )
     return final, choice

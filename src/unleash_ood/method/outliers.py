@@ -19,8 +19,6 @@ reproduces the outliers an uninterrupted run would have seen.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +29,9 @@ from unleash_ood.data.base import ImageSet
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
 from unleash_ood.method.constraint import um_loss
-
-OUTLIER_METHODS = ("oe", "energy", "poem", "doe")
-DEFAULT_WEIGHT = {"oe": 0.5, "energy": 0.1, "poem": 0.1, "doe": 1.0}
+from unleash_ood.specs import DEFAULT_WEIGHT as DEFAULT_WEIGHT
+from unleash_ood.specs import OUTLIER_METHODS as OUTLIER_METHODS
+from unleash_ood.specs import OutlierSpec
 
 # Maps (ID logits, labels) to the ID term: cross-entropy, or the UM loss on it.
 IdLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -58,44 +56,6 @@ def id_loss(xi: float | None) -> IdLoss:
     if xi is None:
         return F.cross_entropy
     return lambda logits, y: um_loss(F.cross_entropy(logits, y), xi)
-
-
-@dataclass
-class OutlierSpec:
-    """Which outlier-exposure method and its settings; see ``unleash finetune --help``."""
-
-    method: str = "oe"
-    aux: str = "bundled"
-    aux_size: int = 50_000
-    aux_ratio: float = 1.0
-    weight: float | None = None  # None: the method's published default
-    m_in: float = -25.0
-    m_out: float = -7.0
-    poem_keep: float = 0.125
-    doe_warmup: float = 0.5
-
-    def check(self) -> None:
-        if self.method not in OUTLIER_METHODS:
-            raise UserError(
-                f"unknown outlier method {self.method!r}; choose {', '.join(OUTLIER_METHODS)}"
-            )
-        if self.aux != "bundled" and not Path(self.aux).expanduser().exists():
-            raise UserError(
-                f"auxiliary outliers {self.aux!r}: no such file or folder; pass --aux bundled, "
-                f"a .npy file, an image folder or a folder of ImageNet batch files"
-            )
-        if self.aux_size < 1 or self.aux_ratio <= 0:
-            raise UserError("--aux-size and --aux-ratio must be positive")
-        if not 0 < self.poem_keep <= 1 or not 0 <= self.doe_warmup < 1:
-            raise UserError("--poem-keep must be in (0, 1] and --doe-warmup in [0, 1)")
-
-    @property
-    def lam(self) -> float:
-        return DEFAULT_WEIGHT[self.method] if self.weight is None else self.weight
-
-    def aux_batch(self, batch_size: int) -> int:
-        """Outliers per step: an int, never the float the official code passes a DataLoader."""
-        return max(1, round(batch_size * self.aux_ratio))
 
 
 class OutlierObjective:

@@ -1,0 +1,41 @@
+"""Run directories: checked before any work starts, never overwritten.
+
+Every command writes its results into one folder (``--out``). The folder is checked up front,
+so a mistake costs nothing: a file where a folder should be, a folder that already holds
+results, or one that cannot be written is refused with a one-line message before the first
+forward pass.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from unleash_ood.errors import UserError
+
+# Files whose presence means a folder already holds the results of some command.
+RESULT_FILES = ("config.json", "metrics.json", "atypical.csv", "demo.json")
+
+
+def check_out(out: Path) -> None:
+    """Refuse ``out`` unless it is absent or an empty (or result-free) folder we can write."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder (it is created if absent)")
+    held = [f for f in RESULT_FILES if (out / f).exists()]
+    if held:
+        raise UserError(
+            f"--out {out} already holds results ({held[0]}); choose another folder, or "
+            f"remove it to redo the run"
+        )
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write into {parent}; choose an --out folder you can write to")
+
+
+def append_log(out: Path, text: str) -> None:
+    """Append ``text`` (a line or lines) to ``out/log.txt``."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "log.txt", "a") as f:
+        f.write(text.rstrip("\n") + "\n")

@@ -1,0 +1,221 @@
+"""What a run is asked to do: the recipe, the fine-tuning method and outlier exposure, as
+dataclasses that validate themselves (an invalid spec cannot exist) and import nothing heavy.
+
+The command line builds its parser from these defaults without importing PyTorch, so
+``unleash --help`` is instant; the training and method modules re-export each name.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from unleash_ood.errors import UserError
+
+SCHEDULES = ("cosine", "step", "constant")
+AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
+
+
+def _finite(name: str, value: float, low: float, low_open: bool = False) -> None:
+    """Refuse NaN, infinities and values under ``low`` (or equal, with ``low_open``)."""
+    if (
+        not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value < low
+        or (low_open and value == low)
+    ):
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        raise UserError(f"{name} must be a finite number {bound}, not {value!r}")
+
+
+@dataclass
+class Recipe:
+    """Every knob of a training run; written into the run directory and each checkpoint."""
+
+    model: str = "cnn"
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 60
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    augment: str = "flip"
+    seed: int = 0
+    save_every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; choose {', '.join(SCHEDULES)}")
+        if self.augment not in AUGMENTATIONS:
+            raise UserError(
+                f"unknown augmentation {self.augment!r}; choose {', '.join(AUGMENTATIONS)}"
+            )
+        for name in ("epochs", "batch_size", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                flag = name.replace("_", "-")
+                raise UserError(f"--{flag} must be a positive integer, not {value!r}")
+        _finite("--lr", self.lr, 0, low_open=True)
+        _finite("--momentum", self.momentum, 0)
+        if self.momentum >= 1:
+            raise UserError(f"--momentum must be below 1, not {self.momentum!r}")
+        if self.nesterov and self.momentum == 0:
+            raise UserError("--nesterov needs a positive --momentum")
+        _finite("--weight-decay", self.weight_decay, 0)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"--seed must be a non-negative integer, not {self.seed!r}")
+
+    def check(self) -> None:
+        """Kept for callers of the earlier API: a Recipe is validated when it is made."""
+        self.__post_init__()
+
+    def lr_at(self, epoch: int) -> float:
+        """Learning rate for (0-based) ``epoch``: cosine to 0, or /10 at 50 % and 75 %."""
+        if self.schedule == "cosine":
+            return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
+        if self.schedule == "step":
+            return self.lr * 0.1 ** sum(epoch >= f * self.epochs for f in (0.5, 0.75))
+        return self.lr
+
+
+# The official code's fine-tuning recipes (tmlr-group/Unleashing-Mask,
+# configs/smallscale/densenet_cifar10*.yaml): from the well-trained model, SGD momentum 0.9
+# (no Nesterov, although the paper says Nesterov), weight decay 1e-4, batch 256, lr cosine per
+# epoch; 100 epochs at lr 0.1 without outliers (a warm-started retrain under the constraint, and
+# what repairs UMAP's random initial mask), 10 epochs at lr 0.01 with outlier exposure.
+# ``quick`` is a 3-epoch demonstration of the mechanics, not the method's result: at its
+# lr 0.01, UM is mostly a short burst of gradient ascent, so UMAP's mask scores keep lr 0.1.
+PAPER_RECIPE = Recipe(
+    epochs=100, batch_size=256, lr=0.1, weight_decay=1e-4, schedule="cosine", augment="flip"
+)
+RECIPES = {
+    "paper": PAPER_RECIPE,
+    "paper-oe": replace(PAPER_RECIPE, epochs=10, lr=0.01),
+    "quick": replace(PAPER_RECIPE, epochs=3, lr=0.01),
+}
+QUICK_UMAP_LR = 0.1
+
+
+def default_recipe_name(outliers: bool) -> str:
+    """``paper`` without outlier exposure, ``paper-oe`` with it (as the official configs)."""
+    return "paper-oe" if outliers else "paper"
+
+
+def finetune_recipe(
+    method: str = "um", name: str | None = None, outliers: bool = False, **changes
+) -> Recipe:
+    """Fine-tuning recipe ``name`` (default: :func:`default_recipe_name`) for ``method``, with
+    ``changes`` (any explicit value overrides the recipe's)."""
+    name = name or default_recipe_name(outliers)
+    if name not in RECIPES:
+        raise UserError(f"unknown recipe {name!r}; choose {', '.join(RECIPES)}")
+    base = RECIPES[name]
+    if name == "quick" and method == "umap":
+        base = replace(base, lr=QUICK_UMAP_LR)
+    return replace(base, **changes)
+
+
+OUTLIER_METHODS = ("oe", "energy", "poem", "doe")
+DEFAULT_WEIGHT = {"oe": 0.5, "energy": 0.1, "poem": 0.1, "doe": 1.0}
+
+
+@dataclass
+class OutlierSpec:
+    """Which outlier-exposure method and its settings; see ``unleash finetune --help``."""
+
+    method: str = "oe"
+    aux: str = "bundled"
+    aux_size: int = 50_000
+    aux_ratio: float = 1.0
+    weight: float | None = None  # None: the method's published default
+    m_in: float = -25.0
+    m_out: float = -7.0
+    poem_keep: float = 0.125
+    doe_warmup: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.method not in OUTLIER_METHODS:
+            raise UserError(
+                f"unknown outlier method {self.method!r}; choose {', '.join(OUTLIER_METHODS)}"
+            )
+        if self.aux != "bundled" and not Path(self.aux).expanduser().exists():
+            raise UserError(
+                f"auxiliary outliers {self.aux!r}: no such file or folder; pass --aux bundled, "
+                f"a .npy file, an image folder or a folder of ImageNet batch files"
+            )
+        if not isinstance(self.aux_size, int) or self.aux_size < 1:
+            raise UserError(f"--aux-size must be a positive integer, not {self.aux_size!r}")
+        _finite("--aux-ratio", self.aux_ratio, 0, low_open=True)
+        if self.weight is not None:
+            _finite("--aux-weight", self.weight, 0)
+        _finite("--m-in", self.m_in, -math.inf)
+        _finite("--m-out", self.m_out, -math.inf)
+        if not 0 < self.poem_keep <= 1 or not 0 <= self.doe_warmup < 1:
+            raise UserError("--poem-keep must be in (0, 1] and --doe-warmup in [0, 1)")
+
+    def check(self) -> None:
+        """Kept for callers of the earlier API: a spec is validated when it is made."""
+        self.__post_init__()
+
+    @property
+    def lam(self) -> float:
+        return DEFAULT_WEIGHT[self.method] if self.weight is None else self.weight
+
+    def aux_batch(self, batch_size: int) -> int:
+        """Outliers per step: an int, never the float the official code passes a DataLoader."""
+        return max(1, round(batch_size * self.aux_ratio))
+
+
+METHODS = ("um", "umap", "ce")
+XI_REDUCTIONS = ("mean", "median")
+
+
+@dataclass
+class FinetuneSpec:
+    """What to fine-tune and how; see ``unleash finetune --help`` for each field."""
+
+    method: str = "um"
+    xi: str = "estimate"
+    keep: float = 0.8
+    train_weights: bool = False
+    n_masks: int = 5
+    mask_fraction: float = 0.035
+    xi_reduction: str = "mean"
+    xi_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
+    acc_tolerance: float = 0.01
+    outliers: OutlierSpec | None = None  # outlier exposure beside the ID term
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"unknown method {self.method!r}; choose {', '.join(METHODS)}")
+        if self.xi not in ("estimate", "validate"):
+            try:
+                value = float(self.xi)
+            except ValueError as e:
+                raise UserError(
+                    f"--xi takes estimate, validate or a number, not {self.xi!r}"
+                ) from e
+            _finite("--xi", value, 0, low_open=True)
+        if self.xi_reduction not in XI_REDUCTIONS:
+            raise UserError(
+                f"--xi-reduction takes {' or '.join(XI_REDUCTIONS)}, not {self.xi_reduction!r}"
+            )
+        if not isinstance(self.keep, int | float) or not 0 < self.keep <= 1:
+            raise UserError(f"--keep must be in (0, 1], not {self.keep!r}")
+        if not isinstance(self.n_masks, int) or self.n_masks < 1:
+            raise UserError(f"--n-masks must be a positive integer, not {self.n_masks!r}")
+        if not isinstance(self.mask_fraction, float | int) or not 0 < self.mask_fraction < 1:
+            raise UserError(f"--mask-fraction must be in (0, 1), not {self.mask_fraction!r}")
+        if not self.xi_grid:
+            raise UserError("--xi-grid needs at least one multiple of the estimate")
+        for f in self.xi_grid:
+            _finite("every --xi-grid value", f, 0, low_open=True)
+        _finite("the accuracy tolerance", self.acc_tolerance, 0)
+
+    def check(self) -> None:
+        """Kept for callers of the earlier API: a spec is validated when it is made."""
+        self.__post_init__()
