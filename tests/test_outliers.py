@@ -257,7 +257,7 @@ def test_bad_outlier_flags_are_one_line_errors(capsys, fmnist_dir, tiny_checkpoi
     assert "no such file or folder" in capsys.readouterr().err
     args = ["--outliers", "oe", "--method", "ce", "--aux-ratio", "0"]
     assert main(_finetune_args(fmnist_dir, tiny_checkpoint, tmp_path / "b", *args)) == 2
-    assert "must be positive" in capsys.readouterr().err
+    assert "--aux-ratio must be a finite number > 0" in capsys.readouterr().err
 
 
 class Interrupt(Exception):

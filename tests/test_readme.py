@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,12 +43,23 @@ def test_ci_installs_as_the_readme_does() -> None:
 
 
 @pytest.fixture
-def in_tmp_cwd(tmp_path, monkeypatch, fmnist_dir) -> Path:
-    """An empty working directory whose data is the small generated Fashion-MNIST."""
-    monkeypatch.chdir(tmp_path)
+def in_tmp_cwd(tmp_path, monkeypatch, fmnist_dir, tiny_checkpoint) -> Path:
+    """An empty working directory whose data is the small generated Fashion-MNIST and whose
+    named models (``fmnist_cnn`` and its fine-tunes) are the tiny test checkpoint, found
+    through ``$UNLEASH_WEIGHTS`` before the shipped ones: the commands run as written, on a
+    model and data small enough for the suite."""
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for name in ("fmnist_cnn", "fmnist_cnn_ce", "fmnist_cnn_um", "fmnist_cnn_umap"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(tiny_checkpoint.with_suffix(suffix), weights / f"{name}{suffix}")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
     monkeypatch.setenv("UNLEASH_DATA", str(fmnist_dir))
+    monkeypatch.setenv("UNLEASH_WEIGHTS", str(weights))
     monkeypatch.setattr("unleash_ood.data.base.SYSTEM_DATA_ROOTS", ())
-    return tmp_path
+    return work
 
 
 def test_python_example_runs(in_tmp_cwd) -> None:

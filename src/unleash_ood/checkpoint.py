@@ -26,20 +26,28 @@ FORMAT = "unleash-ood/1"
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
 
 
+def model_dirs() -> list[Path]:
+    """Folders searched for a checkpoint given by bare name: ``$UNLEASH_WEIGHTS`` (a team's
+    own collection of named models), then the models shipped with the package."""
+    extra = os.environ.get("UNLEASH_WEIGHTS")
+    return [*([Path(extra).expanduser()] if extra else []), SHIPPED_DIR]
+
+
 def shipped_models() -> list[str]:
-    """Names of the models that ship with the package (``fmnist_cnn``, ...)."""
-    return sorted(p.stem for p in SHIPPED_DIR.glob("*.json"))
+    """Names of the models a bare name can refer to (``fmnist_cnn``, ...)."""
+    return sorted({p.stem for d in model_dirs() for p in d.glob("*.json")})
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """(weights, sidecar) for ``x``, ``x.safetensors`` or ``x.json``; a bare name that is no
-    local file, such as ``fmnist_cnn``, names a model shipped with the package."""
+    local file, such as ``fmnist_cnn``, names a model in :func:`model_dirs`."""
     p = Path(path)
     stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
     if len(stem.parts) == 1 and not stem.with_name(stem.name + ".json").exists():
-        shipped = SHIPPED_DIR / stem.name
-        if shipped.with_name(stem.name + ".json").exists():
-            stem = shipped
+        for folder in model_dirs():
+            if (folder / f"{stem.name}.json").exists():
+                stem = folder / stem.name
+                break
     return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
 
 
