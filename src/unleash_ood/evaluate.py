@@ -179,6 +179,7 @@ class Evaluator:
                 scorer.score_batch(self.model, x.to(self.device))
                 for x, _ in tqdm(
                     data.batches(self.batch_size),
+                    total=-(-len(data) // self.batch_size),
                     desc=f"{scorer.name} {key}",
                     leave=False,
                     disable=not self.progress,
@@ -190,10 +191,13 @@ class Evaluator:
         return s.double().cpu().numpy()
 
     def _fit(self) -> None:
-        head = self.model.head
+        """Fit each scorer on its ID split: training, or validation for calibration-style
+        statistics (``Scorer.fit_split``); never on a test set."""
+        b = self.benchmark
+        fit_sets = {"train": ("id_train", b.id_train), "val": ("id_val", b.id_val)}
         for scorer in self.scorers:
             if scorer.requires_fit:
-                scorer.fit(self.outputs("id_train", self.benchmark.id_train), head)
+                scorer.fit(self.outputs(*fit_sets[scorer.fit_split]), self.model.head)
 
     def run(self, splits: Sequence[str] = ("test",)) -> Evaluation:
         bad = [s for s in splits if s not in SPLITS]
