@@ -58,12 +58,14 @@ def _with_subset(bench: Benchmark, n: int | None) -> Benchmark:
 
 
 def summary_rows(evals: dict[str, Evaluation], scorers: tuple[str, ...]) -> list[list]:
-    """model, scorer, ID acc and the mean metrics x100; ``all`` averages every scorer."""
+    """model, scorer, ID acc and the mean metrics x100; ``all`` averages every scorer not below
+    chance on that model (a scorer below chance would otherwise hide in the average)."""
     rows = []
     for model, ev in evals.items():
         acc = 100 * ev.accuracy["id_test"]
+        sound = ev.sound_scorers()
         for scorer in (*scorers, "all"):
-            means = [ev.row(s) for s in ev.scorers()] if scorer == "all" else [ev.row(scorer)]
+            means = [ev.row(s) for s in sound] if scorer == "all" else [ev.row(scorer)]
             rows.append(
                 [
                     model,
