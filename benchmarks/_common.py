@@ -11,6 +11,7 @@ import torch
 
 from unleash_ood.checkpoint import load_checkpoint, read_sidecar
 from unleash_ood.data.base import Benchmark
+from unleash_ood.evaluate import CHANCE
 from unleash_ood.models import Classifier, create_model
 from unleash_ood.report import markdown_table
 
@@ -71,15 +72,26 @@ def stepper(model, objective, batches) -> Callable[[], None]:
     return run
 
 
-def summarise(evaluation: dict, scorer: str, exclude: Sequence[str] = ()) -> dict[str, float]:
+def summarise(
+    evaluation: dict, scorer: str, exclude: Sequence[str] | None = None
+) -> dict[str, float]:
     """ID test accuracy and the mean-over-OOD-test-sets metrics (x100) of one evaluation, for
-    one scorer or averaged over every scorer evaluated (``all``) but those in ``exclude``."""
+    one scorer or averaged over every scorer evaluated (``all``) but those in ``exclude``;
+    without ``exclude``, but those below chance (mean AUROC < 0.5) in this evaluation, which
+    the average would hide. Pass ``exclude`` (e.g. the start model's below-chance scorers) to
+    average the same scorers over every model of a comparison."""
     rows = [
         r
         for r in evaluation["rows"]
         if r["split"] == "test"
         and r["dataset"] == "mean"
-        and (r["scorer"] == scorer or (scorer == "all" and r["scorer"] not in exclude))
+        and (
+            r["scorer"] == scorer
+            or (
+                scorer == "all"
+                and (r["auroc"] >= CHANCE if exclude is None else r["scorer"] not in exclude)
+            )
+        )
     ]
     out = {m: 100 * float(np.mean([r[m] for r in rows])) for m in METRICS}
     return {"acc": 100 * evaluation["accuracy"]["id_test"], **out}

@@ -5,7 +5,8 @@
 Both sides see the same images (the ID training split that fitted scorers need, the ID test
 split and every OOD test set) in the same channels-last batches, so the ratio isolates what the
 evaluator adds: gathering features, fitting and applying every non-gradient scorer and the
-metrics. ODIN is left out: it needs a backward pass per batch by design. Target <= 1.25.
+metrics. Gradient scorers (ODIN) are left out and listed apart: they need a backward pass per
+batch by design. Target <= 1.1 (issue 13; 1.25 before it).
 
 On a shared machine two passes of the same forward differ by 10-20 %, as much as the margin
 being measured, so the script also times the evaluator's work beyond the forward pass alone
@@ -16,6 +17,7 @@ being measured, so the script also times the evaluator's work beyond the forward
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 from _common import benchmark_model, best_of
@@ -38,6 +40,7 @@ def main() -> None:
     model = prepare_model(benchmark_model(bench, args.checkpoint), torch.device("cpu")).eval()
     datasets = [bench.id_train, bench.id_test, *bench.ood_test.values()]
     names = [n for n, cls in SCORERS.items() if not cls.needs_model]
+    gradient = [n for n, cls in SCORERS.items() if cls.needs_model]
 
     @torch.inference_mode()
     def plain_forward() -> None:
@@ -70,19 +73,25 @@ def main() -> None:
         args.repeats,
     )
     n_images = sum(map(len, datasets))
-    print(f"images: {n_images:,}; scorers: {', '.join(names)}")
+    print(f"images: {n_images:,}; {len(names)} scorers: {', '.join(names)}")
+    print(f"left out (gradient scorers, a backward pass per batch): {', '.join(gradient)}")
+    for name in names:  # each scorer's share of the work beyond the forward pass, once
+        warm.scorers = [make_scorer(name)]
+        t0 = time.perf_counter()
+        warm.run()
+        print(f"  {name}: {time.perf_counter() - t0:.2f} s")
     print(
         f"plain forward pass: {t['forward']:.2f} s; evaluator: {t['evaluate']:.2f} s; "
         f"without knn: {t['no_knn']:.2f} s"
     )
-    print(f"ratio evaluator / forward: {t['evaluate'] / t['forward']:.3f} (target <= 1.25)")
+    print(f"ratio evaluator / forward: {t['evaluate'] / t['forward']:.3f} (target <= 1.1)")
     print(
         f"ratio without knn / forward: {t['no_knn'] / t['forward']:.3f} (exact k-NN search "
         f"is N_query x N_train x D multiply-adds, whatever the model costs)"
     )
     print(
         f"work beyond the forward pass: {t['beyond']:.2f} s; "
-        f"1 + beyond / forward: {1 + t['beyond'] / t['forward']:.3f} (target <= 1.25)"
+        f"1 + beyond / forward: {1 + t['beyond'] / t['forward']:.3f} (target <= 1.1)"
     )
 
 

@@ -22,7 +22,8 @@ from unleash_ood.scores.distance import knn_distance, kth_largest
 
 ALL_NAMES = [
     "msp", "maxlogit", "energy", "gen", "odin", "mahalanobis", "knn", "vim", "react", "ash_s",
-    "ash_b", "dice",
+    "ash_b", "dice", "entropy", "tempscale", "klm", "gradnorm", "she", "openmax", "rmds",
+    "residual", "nnguide", "relation", "fdbd", "nci", "ash_p", "scale", "vra",
 ]  # fmt: skip
 
 
@@ -195,7 +196,8 @@ def test_wrong_entry_point_is_a_type_error():
 def test_registry_names_and_flags():
     assert scorer_names() == ALL_NAMES
     assert {n for n, c in SCORERS.items() if c.requires_fit} == {
-        "mahalanobis", "knn", "vim", "react", "dice"}  # fmt: skip
+        "mahalanobis", "knn", "vim", "react", "dice", "tempscale", "klm", "she", "openmax",
+        "rmds", "residual", "nnguide", "relation", "fdbd", "nci", "vra"}  # fmt: skip
     assert [n for n, c in SCORERS.items() if c.needs_model] == ["odin"]
     assert scorer_params("gen") == {"gamma": 0.1, "m": 100}
     assert scorer_params("msp") == {}
@@ -269,10 +271,15 @@ def _synthetic_setup():
     return model, outputs(train_x, labels), id_x, ood_x, outputs
 
 
+# 100 training samples per class: OpenMax's default tail of 20 would reject the top fifth of
+# ID distances, one of the three ID samples among them.
+SYNTHETIC_PARAMS = {"openmax": {"tail": 5}}
+
+
 @pytest.mark.parametrize("name", ALL_NAMES)
 def test_id_scores_higher_than_ood(name):
     model, train, id_x, ood_x, outputs = _synthetic_setup()
-    scorer = make_scorer(name)
+    scorer = make_scorer(name, **SYNTHETIC_PARAMS.get(name, {}))
     if scorer.requires_fit:
         scorer.fit(train, model.head)
     if scorer.needs_model:

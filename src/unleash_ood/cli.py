@@ -76,12 +76,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
     from unleash_ood.evaluate import evaluate
-    from unleash_ood.report import evaluation_markdown, write_evaluation
+    from unleash_ood.report import LEGEND, evaluation_markdown, ranking_markdown, write_evaluation
     from unleash_ood.scores import parse_scorer_list
+    from unleash_ood.tune import check_grid, parse_grids
 
     out = Path(args.out)
     check_out(out)
     scorers = parse_scorer_list(args.scores)  # fail on a bad name before any heavy work
+    if args.grid and not args.tune:
+        raise UserError("--grid sets the search of --tune; add --tune")
+    grids = parse_grids(args.grid) if args.grid else None
+    for name, grid in (grids or {}).items():
+        check_grid(name, grid)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
@@ -95,6 +101,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         cache_dir=args.cache,
         progress=not args.no_progress,
+        tune=args.tune,
+        grids=grids,
     )
     write_evaluation(
         ev,
@@ -102,10 +110,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         config={**_config(args), "checkpoint_meta": meta, "sizes": bench.sizes()},
         model=args.checkpoint,
     )
-    summary = evaluation_markdown(ev, summary_only=True)
+    if len(ev.scorers()) > 1:
+        accuracy = ", ".join(f"{k} accuracy {100 * v:.2f}" for k, v in ev.accuracy.items())
+        summary = (
+            f"# {ev.benchmark}: scorers by mean AUROC over the OOD test sets\n\n{accuracy}\n\n"
+            f"{ranking_markdown(ev)}\n\n{LEGEND}"
+        )
+    else:
+        summary = evaluation_markdown(ev, summary_only=True)
     append_log(out, f"unleash evaluate --checkpoint {args.checkpoint}\n{summary}")
     print(summary)
-    print(f"Full tables and histograms in {out}/")
+    print(f"Full tables and plots in {out}/")
 
 
 def _model_kwargs(pairs: list[str]) -> dict:
@@ -494,6 +509,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--splits", default="test", help="OOD splits to report: test, val or val,test")
     p.add_argument("--out", required=True, help="run directory for tables and plots")
     p.add_argument("--cache", default=None, help="folder to cache features/logits between runs")
+    p.add_argument(
+        "--tune",
+        action="store_true",
+        help="choose scorer hyperparameters on the OOD validation sets (never a test set)",
+    )
+    p.add_argument(
+        "--grid",
+        default=None,
+        help="with --tune, replace a scorer's search grid, e.g. knn:k=10/50/100",
+    )
     _add_data_args(p)
     _add_run_args(p)
     p.set_defaults(func=cmd_evaluate)

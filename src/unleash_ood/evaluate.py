@@ -24,8 +24,12 @@ from unleash_ood.metrics import METRIC_NAMES, accuracy, ood_metrics
 from unleash_ood.models import Classifier
 from unleash_ood.outputs import Outputs
 from unleash_ood.scores import Scorer, parse_scorer_list
+from unleash_ood.tune import Grid, tune_scorers, validation_view
 
 SPLITS = ("val", "test")
+# Mean AUROC below this marks a scorer as worse than chance in rankings; such scorers are kept
+# out of any average over scorers, where they would hide behind the others.
+CHANCE = 0.5
 
 
 @torch.inference_mode()
@@ -97,13 +101,16 @@ class Evaluation:
     ``rows`` is a tidy list of dicts with keys split, scorer, dataset and each metric; the
     pseudo-dataset ``mean`` averages the sets not excluded by the benchmark, and group names
     (e.g. OpenOOD's ``near``/``far``) average their members. ``scores`` keeps the raw scores
-    per split, scorer and dataset (``id`` for the ID set) for plots.
+    per split, scorer and dataset (``id`` for the ID set) for plots. ``tuning`` holds, per
+    scorer tuned on validation data, the chosen ``params``, their ``val_auroc`` and the
+    ``grid`` searched.
     """
 
     benchmark: str
     accuracy: dict[str, float]
     rows: list[dict] = field(default_factory=list)
     scores: dict[str, dict[str, dict[str, np.ndarray]]] = field(default_factory=dict)
+    tuning: dict[str, dict] = field(default_factory=dict)
 
     def row(self, scorer: str, dataset: str = "mean", split: str = "test") -> dict:
         for r in self.rows:
@@ -114,8 +121,19 @@ class Evaluation:
     def scorers(self) -> list[str]:
         return list(dict.fromkeys(r["scorer"] for r in self.rows))
 
+    def ranking(self, split: str = "test") -> list[dict]:
+        """The ``mean`` rows of ``split``, best mean AUROC first, each with ``below_chance``."""
+        rows = [r for r in self.rows if r["split"] == split and r["dataset"] == "mean"]
+        ranked = sorted(rows, key=lambda r: -r["auroc"])
+        return [{**r, "below_chance": r["auroc"] < CHANCE} for r in ranked]
+
+    def sound_scorers(self, split: str = "test") -> list[str]:
+        """Scorers whose mean AUROC is not below chance: those an average over scorers takes."""
+        return [r["scorer"] for r in self.ranking(split) if not r["below_chance"]]
+
     def to_dict(self) -> dict:
-        return {"benchmark": self.benchmark, "accuracy": self.accuracy, "rows": self.rows}
+        out = {"benchmark": self.benchmark, "accuracy": self.accuracy, "rows": self.rows}
+        return {**out, "tuning": self.tuning} if self.tuning else out
 
 
 def _summary_rows(
@@ -173,12 +191,17 @@ class Evaluator:
             self._outputs[key] = out
         return self._outputs[key]
 
+    def reuse_outputs(self, other: Evaluator) -> None:
+        """Take the outputs ``other`` computed (same model), sparing their forward passes."""
+        self._outputs.update(other._outputs)
+
     def _scores(self, scorer: Scorer, key: str, data: ImageSet) -> np.ndarray:
         if scorer.needs_model:
             parts = [
                 scorer.score_batch(self.model, x.to(self.device))
                 for x, _ in tqdm(
                     data.batches(self.batch_size),
+                    total=-(-len(data) // self.batch_size),
                     desc=f"{scorer.name} {key}",
                     leave=False,
                     disable=not self.progress,
@@ -190,10 +213,13 @@ class Evaluator:
         return s.double().cpu().numpy()
 
     def _fit(self) -> None:
-        head = self.model.head
+        """Fit each scorer on its ID split: training, or validation for calibration-style
+        statistics (``Scorer.fit_split``); never on a test set."""
+        b = self.benchmark
+        fit_sets = {"train": ("id_train", b.id_train), "val": ("id_val", b.id_val)}
         for scorer in self.scorers:
             if scorer.requires_fit:
-                scorer.fit(self.outputs("id_train", self.benchmark.id_train), head)
+                scorer.fit(self.outputs(*fit_sets[scorer.fit_split]), self.model.head)
 
     def run(self, splits: Sequence[str] = ("test",)) -> Evaluation:
         bad = [s for s in splits if s not in SPLITS]
@@ -237,7 +263,23 @@ def evaluate(
     benchmark: Benchmark,
     scorers: Sequence[Scorer] | str = "all",
     splits: Sequence[str] = ("test",),
+    tune: bool = False,
+    grids: dict[str, Grid] | None = None,
     **kwargs,
 ) -> Evaluation:
-    """Evaluate ``model`` on ``benchmark`` with ``scorers``; see :class:`Evaluator`."""
-    return Evaluator(model, benchmark, scorers, **kwargs).run(splits)
+    """Evaluate ``model`` on ``benchmark`` with ``scorers``; see :class:`Evaluator`.
+
+    With ``tune``, scorers with hyperparameters first take the values that do best on the
+    validation data (:mod:`unleash_ood.tune`; ``grids`` replaces the default grid of the
+    scorers it names), searched on an evaluator that holds no test set; the choices are in
+    the result's ``tuning``.
+    """
+    evaluator = Evaluator(model, benchmark, scorers, **kwargs)
+    tuning = {}
+    if tune:
+        searcher = Evaluator(model, validation_view(benchmark), [], **kwargs)
+        evaluator.scorers, tuning = tune_scorers(searcher, evaluator.scorers, grids)
+        evaluator.reuse_outputs(searcher)
+    result = evaluator.run(splits)
+    result.tuning = tuning
+    return result

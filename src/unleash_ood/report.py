@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
-from unleash_ood.evaluate import Evaluation
+from unleash_ood.evaluate import CHANCE, Evaluation
 from unleash_ood.metrics import METRIC_NAMES
 
 HEADERS = {
@@ -75,8 +75,75 @@ def evaluation_markdown(ev: Evaluation, summary_only: bool = False) -> str:
             ),
             "",
         ]
+    if len(ev.scorers()) > 1:
+        parts += ["## Ranking: mean over OOD test sets", "", ranking_markdown(ev), ""]
+    if ev.tuning:
+        parts += ["## Chosen on OOD validation data (--tune)", "", tuning_markdown(ev), ""]
     parts.append(LEGEND)
     return "\n".join(parts) + "\n"
+
+
+def tuning_markdown(ev: Evaluation) -> str:
+    rows = [
+        [
+            name,
+            _params_cell(t),
+            100 * t["val_auroc"],
+            "; ".join(
+                f"{p}: {', '.join(f'{v:g}' for v in values)}" for p, values in t["grid"].items()
+            ),
+        ]
+        for name, t in ev.tuning.items()
+    ]
+    return markdown_table(["scorer", "chosen", "val AUROC", "grid"], rows)
+
+
+RANKED = ("auroc", "fpr95_id", "fpr95_ood", "aupr_in", "aupr_out")
+
+
+def ranking_markdown(ev: Evaluation) -> str:
+    """Scorers by mean OOD-test AUROC, both FPR95 conventions beside it, tuned values and a flag
+    for scorers below chance."""
+    rows = [
+        [
+            i,
+            r["scorer"] + (" (below chance)" if r["below_chance"] else ""),
+            *(100 * r[m] for m in RANKED),
+            _params_cell(ev.tuning.get(r["scorer"])),
+        ]
+        for i, r in enumerate(ev.ranking(), start=1)
+    ]
+    headers = ["rank", "scorer", *(HEADERS[m] for m in RANKED), "tuned on validation"]
+    return markdown_table(headers, rows)
+
+
+def _params_cell(tuned: dict | None) -> str:
+    if not tuned:
+        return "-"
+    return ", ".join(f"{k}={v:g}" for k, v in tuned["params"].items())
+
+
+def plot_ranking(ev: Evaluation, path: Path) -> None:
+    """Mean AUROC and FPR95 (ID+) per scorer, best first; scorers below chance in red."""
+    import matplotlib.pyplot as plt
+
+    ranked = ev.ranking()[::-1]  # barh draws bottom-up
+    if not ranked:
+        return
+    names = [r["scorer"] for r in ranked]
+    colours = ["tab:red" if r["below_chance"] else "tab:blue" for r in ranked]
+    fig, (ax_auc, ax_fpr) = plt.subplots(1, 2, sharey=True, figsize=(8, 1.2 + 0.24 * len(ranked)))
+    ax_auc.barh(names, [100 * r["auroc"] for r in ranked], color=colours)
+    ax_auc.axvline(100 * CHANCE, color="k", lw=0.8, ls="--")
+    ax_auc.set_xlabel("mean AUROC (higher is better; dashed: chance)")
+    ax_fpr.barh(names, [100 * r["fpr95_id"] for r in ranked], color=colours)
+    ax_fpr.set_xlabel("mean FPR95, ID positive (lower is better)")
+    for ax in (ax_auc, ax_fpr):
+        ax.set_xlim(0, 100)
+        ax.tick_params(labelsize=7)
+    fig.suptitle(f"{ev.benchmark}: scorers ranked by mean AUROC over OOD test sets", fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
 
 
 def evaluation_csv(ev: Evaluation) -> str:
@@ -152,7 +219,8 @@ def save_figure(fig, path: Path) -> None:
 def write_evaluation(
     ev: Evaluation, out: Path, config: dict | None = None, model: str | None = None
 ) -> None:
-    """DIR/metrics.json (fractions), metrics.md and metrics.csv (x100), histograms.png."""
+    """DIR/metrics.json (fractions), metrics.md and metrics.csv (x100), histograms.png, and
+    ranking.png when there is more than one scorer; ``model`` names the model in the plots."""
     out.mkdir(parents=True, exist_ok=True)
     if config is not None:
         atomic_write_json(out / "config.json", config)
@@ -160,3 +228,5 @@ def write_evaluation(
     atomic_write_bytes(out / "metrics.md", evaluation_markdown(ev).encode())
     atomic_write_bytes(out / "metrics.csv", evaluation_csv(ev).encode())
     plot_histograms(ev, out / "histograms.png", model=model)
+    if len(ev.scorers()) > 1:
+        plot_ranking(ev, out / "ranking.png")

@@ -9,33 +9,60 @@ import dataclasses
 from contextlib import suppress
 
 from unleash_ood.errors import UserError
+from unleash_ood.scores.activation import ASHP, SCALE, VRA
 from unleash_ood.scores.base import Scorer
+from unleash_ood.scores.boundary import FDBD, NCI
 from unleash_ood.scores.distance import KNN, Mahalanobis
+from unleash_ood.scores.neighbours import NNGuide, Relation
 from unleash_ood.scores.odin import ODIN
+from unleash_ood.scores.probability import KLM, Entropy, GradNorm, TempScale
+from unleash_ood.scores.prototypes import SHE, OpenMax
+from unleash_ood.scores.residual import Residual
+from unleash_ood.scores.rmds import RMDS
 from unleash_ood.scores.shaping import ASHB, ASHS, DICE, ReAct
 from unleash_ood.scores.softmax import GEN, MSP, Energy, MaxLogit
 from unleash_ood.scores.vim import ViM
 
-# Display order: logit-only scores, the gradient score, feature-space scores, reshaping scores.
+# Display order: the first twelve as before, then the later ones by family: probabilities,
+# the gradient norm, class prototypes, feature distances and geometry, activation shaping.
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls
-    for cls in (MSP, MaxLogit, Energy, GEN, ODIN, Mahalanobis, KNN, ViM, ReAct, ASHS, ASHB, DICE)
-}
+    for cls in (
+        MSP, MaxLogit, Energy, GEN, ODIN, Mahalanobis, KNN, ViM, ReAct, ASHS, ASHB, DICE,
+        Entropy, TempScale, KLM, GradNorm, SHE, OpenMax, RMDS, Residual, NNGuide, Relation,
+        FDBD, NCI, ASHP, SCALE, VRA,
+    )
+}  # fmt: skip
 
 __all__ = [
     "ASHB",
+    "ASHP",
     "ASHS",
     "DICE",
+    "FDBD",
     "GEN",
+    "KLM",
     "KNN",
     "MSP",
+    "NCI",
     "ODIN",
+    "RMDS",
+    "SCALE",
     "SCORERS",
+    "SHE",
+    "VRA",
     "Energy",
+    "Entropy",
+    "GradNorm",
     "Mahalanobis",
     "MaxLogit",
+    "NNGuide",
+    "OpenMax",
     "ReAct",
+    "Relation",
+    "Residual",
     "Scorer",
+    "TempScale",
     "ViM",
     "make_scorer",
     "parse_scorer_list",

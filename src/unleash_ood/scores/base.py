@@ -34,6 +34,31 @@ class Scorer:
     name: ClassVar[str]
     requires_fit: ClassVar[bool] = False
     needs_model: ClassVar[bool] = False
+    # The ID split ``fit`` takes: "train", or "val" for calibration-style statistics that an
+    # over-fitted training set would distort (temperature scaling, KL-matching templates).
+    fit_split: ClassVar[str] = "train"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """Setting a parameter forgets the fitted state: statistics fitted under one value of
+        a hyperparameter are never reused under another (call ``fit`` again)."""
+        object.__setattr__(self, name, value)
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        if name in fields and fields[name].init:
+            for state in (n for n in fields if n.endswith("_")):
+                object.__setattr__(self, state, None)
+            if all(n in self.__dict__ for n in fields):  # a change after __init__: re-check
+                self.__post_init__()
+
+    def __post_init__(self) -> None:
+        """Check the parameters; scorers with parameters override this."""
+
+    def with_params(self, **params: object) -> Self:
+        """An unfitted copy with some parameters changed (and checked)."""
+        return dataclasses.replace(self, **params)
+
+    def params(self) -> dict[str, object]:
+        """The parameters and their current values."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     def fit(self, train: Outputs, head: nn.Linear) -> Self:
         raise TypeError(f"{self.name} has nothing to fit; call score directly")
@@ -53,6 +78,23 @@ class Scorer:
             )
 
 
+def require_labels(scorer: Scorer, train: Outputs) -> None:
+    """Refuse training outputs without class labels, for scorers that need them."""
+    if bool((train.labels < 0).any()):
+        raise UserError(
+            f"{scorer.name} needs the class labels of the ID outputs it is fit on, but some are "
+            f"-1 (no class); fit it on the labelled ID {scorer.fit_split} set"
+        )
+
+
+def class_means(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean feature ``(num_classes, D)`` of each class, float64; zeros for an absent class."""
+    x = features.double()
+    sums = x.new_zeros(num_classes, x.shape[1]).index_add_(0, labels, x)
+    counts = torch.bincount(labels, minlength=num_classes).double().clamp_min(1)
+    return sums / counts[:, None]
+
+
 def check_range(
     scorer: Scorer,
     param: str,
@@ -61,19 +103,21 @@ def check_range(
     *,
     integer: bool = False,
     include_low: bool = False,
+    include_high: bool = False,
 ) -> None:
-    """Refuse a parameter outside ``(low, high)``, or ``[low, high)`` with ``include_low``."""
+    """Refuse a parameter outside ``(low, high)``; ``include_low`` / ``include_high`` close
+    that end of the interval."""
     value = getattr(scorer, param)
     kinds = (int,) if integer else (int, float)
     ok = (
         isinstance(value, kinds)
         and not isinstance(value, bool)
-        and value < high
+        and (value <= high if include_high else value < high)
         and (low <= value if include_low else low < value)
     )
     if not ok:
         kind = "an integer" if integer else "a number"
-        bounds = f"{'[' if include_low else '('}{low:g}, {high:g})"
+        bounds = f"{'[' if include_low else '('}{low:g}, {high:g}{']' if include_high else ')'}"
         raise UserError(f"{scorer.name}: {param} must be {kind} in {bounds}, got {value!r}")
 
 
