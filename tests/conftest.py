@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +83,11 @@ def tiny_checkpoint(tiny_benchmark, tmp_path_factory: pytest.TempPathFactory) ->
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_checkpoint(path, model.eval(), model_spec(model, "cnn", 28, {"width": 4}))
     return path
+
+
+# torchrun as a module of this interpreter: a ``torchrun`` script on PATH may be missing (or
+# belong to another Python) when the tests run from a virtual environment's python.
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
 def finetune_argv(fmnist_dir: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:

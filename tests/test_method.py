@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from functools import partial
 
@@ -11,6 +12,7 @@ import torch
 from conftest import finetune_argv
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
+from unleash_ood.evaluate import evaluate
 from unleash_ood.method.constraint import (
     UMObjective,
     estimate_loss_constraint,
@@ -171,15 +173,21 @@ def test_demo_trains_then_shows_shipped_finetunes(
 
 
 def test_finetune_validate_picks_xi_on_validation_data(
-    capsys, fmnist_dir, tiny_checkpoint, tmp_path
+    capsys, fmnist_dir, tiny_benchmark, tiny_checkpoint, tmp_path
 ) -> None:
     out = tmp_path / "validate"
     args = ["--method", "um", "--xi", "validate", "--xi-grid", "1,2", "--n-masks", "2"]
-    code = main(finetune_argv(fmnist_dir, tiny_checkpoint, out, *args))
+    code = main(finetune_argv(fmnist_dir, tiny_checkpoint, out, *args, "--track"))
     assert code == 0, capsys.readouterr().err
     choice = json.loads((out / "xi.json").read_text())
     assert choice["source"] == "validate" and len(choice["grid"]) == 2
-    assert choice["xi"] in [g["xi"] for g in choice["grid"]]
-    assert all(0 <= g["val_auroc"] <= 1 for g in choice["grid"])
+    # the rule: best OOD-validation AUROC among candidates within the accuracy tolerance
+    base, _ = load_checkpoint(tiny_checkpoint)
+    base_acc = evaluate(base, tiny_benchmark, "energy", splits=("val",)).accuracy["id_val"]
+    eligible = [g for g in choice["grid"] if g["id_val_acc"] >= base_acc - 0.01] or choice["grid"]
+    assert choice["xi"] == max(eligible, key=lambda g: g["val_auroc"])["xi"]
+    # --track follows the chosen run's epochs into this run's track.csv
+    with open(out / "track.csv") as f:
+        assert {int(r["epoch"]) for r in csv.DictReader(f)} == {1}
     _, meta = load_checkpoint(out / "checkpoints" / "final")
     assert meta["finetune"]["xi"] == choice["xi"]

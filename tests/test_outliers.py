@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
 from functools import partial
@@ -17,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import finetune_argv
+from conftest import TORCHRUN, finetune_argv
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.data.base import ImageSet
@@ -289,7 +288,6 @@ def test_resume_restores_the_objectives_state(
         assert torch.equal(x, y), name
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_doe_under_torchrun_agrees_with_one_process(fmnist_dir, tiny_checkpoint, tmp_path) -> None:
     """DOE's perturbation direction is averaged over processes, as one process would take it
     from the whole batch; the runs differ by BatchNorm normalising each half-batch alone."""
@@ -298,7 +296,7 @@ def test_doe_under_torchrun_agrees_with_one_process(fmnist_dir, tiny_checkpoint,
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env.pop("WORLD_SIZE", None)
     subprocess.run([sys.executable, "-m", "unleash_ood", *args], check=True, env=env, timeout=300)
-    torchrun = ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "unleash_ood"]
+    torchrun = [*TORCHRUN, "-m", "unleash_ood"]
     ddp = [*args, "--out", str(tmp_path / "ddp")]  # the last --out wins
     subprocess.run([*torchrun, *ddp], check=True, env=env, timeout=300)
     a, _ = load_checkpoint(tmp_path / "single" / "checkpoints" / "final")

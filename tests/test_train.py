@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import TORCHRUN
 from unleash_ood.cli import main
 from unleash_ood.train import Recipe
 
@@ -144,7 +144,6 @@ def test_resume_after_sigkill_matches_uninterrupted_run(fmnist_dir, tmp_path) ->
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not installed")
 def test_torchrun_two_processes_agree_with_single_process(fmnist_dir, tmp_path) -> None:
     """Same global batch over 2 gloo processes. BatchNorm then normalises each half-batch with
     its own statistics, so the runs differ slightly; the test bounds that difference."""
@@ -156,16 +155,7 @@ def test_torchrun_two_processes_agree_with_single_process(fmnist_dir, tmp_path) 
         env=env_for(fmnist_dir),
     )
     subprocess.run(
-        [
-            "torchrun",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "unleash_ood",
-            *args,
-            "--out",
-            str(ddp),
-        ],
+        [*TORCHRUN, "-m", "unleash_ood", *args, "--out", str(ddp)],
         check=True,
         env=env_for(fmnist_dir),
         timeout=300,

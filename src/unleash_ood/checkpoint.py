@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,24 @@ from unleash_ood.models import Classifier, create_model
 
 FORMAT = "unleash-ood/1"
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
+
+
+EPOCH_FILE = re.compile(r"epoch_(\d+)\.json$")
+
+
+def epoch_checkpoints(run: Path) -> list[tuple[int, Path]]:
+    """(epoch, path) of every per-epoch checkpoint in ``run/checkpoints``, in order."""
+    found = sorted(
+        (int(m.group(1)), p.with_suffix(""))
+        for p in (run / "checkpoints").glob("epoch_*.json")
+        if (m := EPOCH_FILE.search(p.name))
+    )
+    if not found:
+        raise UserError(
+            f"no epoch checkpoints in {run}/checkpoints; train with "
+            f"'unleash pretrain --out {run}' first"
+        )
+    return found
 
 
 def model_dirs() -> list[Path]:

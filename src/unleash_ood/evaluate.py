@@ -67,7 +67,8 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 class OutputCache:
-    """Outputs stored as safetensors under ``root/<model fingerprint>/<dataset>.safetensors``."""
+    """Outputs stored as safetensors under ``root/<model fingerprint>/<key>.safetensors``; the
+    evaluator's keys name the split and the data's fingerprint."""
 
     def __init__(self, root: str | Path, model: torch.nn.Module):
         self.dir = Path(root) / model_fingerprint(model)
@@ -183,11 +184,14 @@ class Evaluator:
 
     def outputs(self, key: str, data: ImageSet) -> Outputs:
         if key not in self._outputs:
-            out = self.cache.get(key) if self.cache else None
+            # On disk the key names the data too: two benchmarks or data folders sharing a
+            # cache folder must never get each other's outputs.
+            disk_key = f"{key}-{data.fingerprint()}" if self.cache else key
+            out = self.cache.get(disk_key) if self.cache else None
             if out is None:
                 out = forward_outputs(self.model, data, self.device, self.batch_size, self.progress)
                 if self.cache:
-                    self.cache.put(key, out)
+                    self.cache.put(disk_key, out)
             self._outputs[key] = out
         return self._outputs[key]
 

@@ -11,24 +11,21 @@ from __future__ import annotations
 import copy
 import csv
 import io
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
 from unleash_ood.data.base import Benchmark, ImageSet
 from unleash_ood.device import to_device
-from unleash_ood.errors import UserError
 from unleash_ood.evaluate import Evaluation, Evaluator
 from unleash_ood.metrics import METRIC_NAMES
 from unleash_ood.models import Classifier
+from unleash_ood.train import replay_saves
 
-EPOCH_FILE = re.compile(r"epoch_(\d+)\.json$")
 COLUMNS = (
     "epoch",
     "train_loss",
@@ -70,21 +67,6 @@ def recompute_batchnorm(
     for m, (momentum, training) in zip(bns, saved, strict=True):
         m.momentum = momentum
         m.train(training)
-
-
-def epoch_checkpoints(run: Path) -> list[tuple[int, Path]]:
-    """(epoch, path) of every per-epoch checkpoint in ``run/checkpoints``, in order."""
-    found = sorted(
-        (int(m.group(1)), p.with_suffix(""))
-        for p in (run / "checkpoints").glob("epoch_*.json")
-        if (m := EPOCH_FILE.search(p.name))
-    )
-    if not found:
-        raise UserError(
-            f"no epoch checkpoints in {run}/checkpoints; train with "
-            f"'unleash pretrain --out {run}' first"
-        )
-    return found
 
 
 def evaluation_rows(ev: Evaluation, epoch: int, train_metrics: dict) -> list[dict]:
@@ -142,10 +124,7 @@ class Tracker:
 
 def track_run(run: Path, tracker: Tracker) -> Tracker:
     """Evaluate every saved epoch of ``run``; writes track.csv, track.png, track_selection.json."""
-    b = tracker.benchmark
-    for epoch, path in tqdm(epoch_checkpoints(run), desc="epochs", disable=not tracker.progress):
-        model, meta = load_checkpoint(path, tracker.device, b.num_classes, b.image_shape)
-        tracker(epoch, model, meta.get("metrics", {}))
+    replay_saves(run, tracker, tracker.device, tracker.benchmark, tracker.progress)
     return tracker
 
 

@@ -24,7 +24,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unleash_ood.augment import augment
-from unleash_ood.checkpoint import atomic_write_json, model_spec, read_sidecar, save_checkpoint
+from unleash_ood.checkpoint import (
+    atomic_write_json,
+    epoch_checkpoints,
+    load_checkpoint,
+    model_spec,
+    read_sidecar,
+    save_checkpoint,
+)
 from unleash_ood.data.base import ImageSet
 from unleash_ood.data.noise import TrainingData
 from unleash_ood.device import prepare_model, to_device
@@ -300,6 +307,21 @@ class Trainer:
             f.write(line + "\n")
         if self.progress:
             tqdm.write(line)
+
+
+def replay_saves(
+    run: Path,
+    on_save: Callable[[int, Classifier, dict], None],
+    device: torch.device,
+    benchmark,
+    progress: bool = True,
+) -> None:
+    """Hand every saved epoch of ``run`` to ``on_save``, as the trainer does while training
+    (for runs whose checkpoints were made elsewhere, e.g. copied from a search)."""
+    found = epoch_checkpoints(run)
+    for epoch, path in tqdm(found, desc="epochs", disable=not progress):
+        model, meta = load_checkpoint(path, device, benchmark.num_classes, benchmark.image_shape)
+        on_save(epoch, model, meta.get("metrics", {}))
 
 
 def pretrain(

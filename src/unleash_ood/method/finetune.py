@@ -38,7 +38,7 @@ from unleash_ood.specs import RECIPES as RECIPES
 from unleash_ood.specs import FinetuneSpec as FinetuneSpec
 from unleash_ood.specs import default_recipe_name as default_recipe_name
 from unleash_ood.specs import finetune_recipe as finetune_recipe
-from unleash_ood.train import Objective, Recipe, Trainer, cross_entropy
+from unleash_ood.train import Objective, Recipe, Trainer, cross_entropy, replay_saves
 
 FINETUNE_RECIPE = PAPER_RECIPE  # earlier name of the default recipe
 
@@ -326,6 +326,8 @@ def finetune(
     if choice.source == "validate" and not resume:
         chosen = next(Path(g["run"]) for g in choice.grid if g["xi"] == choice.xi)
         shutil.copytree(chosen / "checkpoints", out / "checkpoints")
+        if on_save is not None:  # e.g. --track: the chosen run's epochs, as if trained here
+            replay_saves(out, on_save, device, benchmark, progress)
         return out / "checkpoints" / "final", choice
     final = run_finetune(
         benchmark,
