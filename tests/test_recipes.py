@@ -193,3 +193,10 @@ def test_label_noise_pretrain_finetune_and_atypical(capsys, fmnist_dir, tmp_path
     found = json.loads((aty / "label_noise_precision.json").read_text())
     assert found["n_flipped"] == 120 and found["chance"] == pytest.approx(0.2)
     assert "flipped labels among the most atypical" in capsys.readouterr().out
+
+
+def test_detector_kinds_of_the_parser_match_the_trainer() -> None:
+    from unleash_ood.generative.trainer import DEFAULT_RECIPES
+    from unleash_ood.specs import DETECTOR_KINDS
+
+    assert tuple(DEFAULT_RECIPES) == DETECTOR_KINDS

@@ -14,6 +14,7 @@ from unleash_ood.errors import UserError
 from unleash_ood.rundir import append_log, check_out
 from unleash_ood.specs import (
     DEFAULT_WEIGHT,
+    DETECTOR_KINDS,
     METHODS,
     OUTLIER_METHODS,
     RECIPES,
@@ -490,6 +491,109 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
+def cmd_detector_train(args: argparse.Namespace) -> None:
+    from unleash_ood.data import load_benchmark
+    from unleash_ood.device import resolve_device
+    from unleash_ood.generative.trainer import detector_recipe, train_detector
+
+    recipe = detector_recipe(
+        args.kind,
+        model_kwargs=_model_kwargs(args.model_arg) or None,
+        **{k: getattr(args, k) for k in (*RECIPE_FLAGS, "beta2", "grad_clip")},
+    )
+    device = resolve_device(args.device)
+    bench = load_benchmark(args.benchmark, args.data_dir)
+    history = train_detector(
+        bench, recipe, Path(args.out), device, resume=args.resume, progress=not args.no_progress
+    )
+    if history:
+        last = history[-1]
+        print(
+            f"trained a {args.kind} detector to epoch {last.epoch}: train loss "
+            f"{last.train_loss:.3f}, val loss {last.val_loss:.3f}; checkpoints in "
+            f"{args.out}/checkpoints/"
+        )
+
+
+def cmd_detector_evaluate(args: argparse.Namespace) -> None:
+    from unleash_ood.checkpoint import read_sidecar
+    from unleash_ood.data import load_benchmark
+    from unleash_ood.device import resolve_device
+    from unleash_ood.generative import parse_detector_scores
+    from unleash_ood.generative.evaluate import evaluate_detector
+    from unleash_ood.generative.trainer import checkpoint_of, load_detector
+    from unleash_ood.report import evaluation_markdown, write_evaluation
+
+    kind = read_sidecar(checkpoint_of(args.from_))["architecture"]
+    scores = parse_detector_scores(args.scores, kind)  # fail on a bad name before any work
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    device = resolve_device(args.device)
+    model, meta = load_detector(args.from_, device)
+    bench = load_benchmark(args.benchmark or meta.get("benchmark", "fmnist"), args.data_dir)
+    if bench.image_shape != (meta["in_channels"], meta["input_size"], meta["input_size"]):
+        raise UserError(
+            f"the detector takes {meta['in_channels']}x{meta['input_size']}x"
+            f"{meta['input_size']} images but {bench.name} has "
+            f"{'x'.join(map(str, bench.image_shape))}; use a detector trained on it"
+        )
+    ev = evaluate_detector(
+        model, bench, scores, splits, device, args.batch_size, progress=not args.no_progress
+    )
+    out = Path(args.out)
+    params = {s.name: s.params() for s in scores}
+    write_evaluation(
+        ev,
+        out,
+        config={**_config(args), "checkpoint_meta": meta, "scores": params, "sizes": bench.sizes()},
+    )
+    print(evaluation_markdown(ev, summary_only=True))
+    print(f"Full tables and histograms in {out}/")
+
+
+def _add_detector_commands(sub) -> None:
+    """``unleash detector train|evaluate``: OOD detectors that need no classifier."""
+    det = sub.add_parser("detector", help="generative OOD detectors that need no classifier")
+    dsub = det.add_subparsers(dest="detector_command", required=True)
+    dsub.add_parser = partial(dsub.add_parser, formatter_class=_HelpFormatter)
+
+    p = dsub.add_parser("train", help="train a generative detector on ID images alone")
+    p.add_argument("--kind", required=True, choices=DETECTOR_KINDS, help="detector model to train")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option, e.g. width=16 or lossy=none (repeatable)",
+    )
+    _add_recipe_args(p, None)
+    p.add_argument("--beta2", type=float, default=None, help="Adam's beta2 (--momentum: beta1)")
+    p.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clip, 0 = off")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_detector_train)
+
+    p = dsub.add_parser("evaluate", help="score ID and OOD sets with a trained detector")
+    p.add_argument(
+        "--from", dest="from_", required=True, metavar="RUN", help="detector run or checkpoint"
+    )
+    p.add_argument(
+        "--scores",
+        default="all",
+        help="comma-separated scores with optional parameters (error_reduction:lam=2), or all",
+    )
+    p.add_argument("--splits", default="test", help="OOD splits to report: test, val or val,test")
+    p.add_argument("--out", required=True, help="run directory for tables and plots")
+    p.add_argument("--benchmark", default=None, help="benchmark (default: the detector's own)")
+    p.add_argument("--data-dir", default=None, help="folder holding datasets")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--batch-size", type=int, default=256, help="scoring batch size")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_detector_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unleash",
@@ -658,6 +762,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_track)
+
+    _add_detector_commands(sub)
     return parser
 
 

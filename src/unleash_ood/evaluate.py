@@ -136,6 +136,18 @@ class Evaluation:
         out = {"benchmark": self.benchmark, "accuracy": self.accuracy, "rows": self.rows}
         return {**out, "tuning": self.tuning} if self.tuning else out
 
+    def add_scores(
+        self, split: str, scorer: str, scores: dict[str, np.ndarray], benchmark: Benchmark
+    ) -> None:
+        """Metrics of one scorer's ``scores`` (``id`` plus one entry per OOD set of ``split``):
+        a row per set, then the mean and group rows."""
+        per_set = {name: ood_metrics(scores["id"], s) for name, s in scores.items() if name != "id"}
+        self.scores.setdefault(split, {})[scorer] = scores
+        self.rows += [
+            {"split": split, "scorer": scorer, "dataset": name, **m} for name, m in per_set.items()
+        ]
+        self.rows += _summary_rows(per_set, benchmark, split, scorer)
+
 
 def _summary_rows(
     per_set: dict[str, dict[str, float]], benchmark: Benchmark, split: str, scorer: str
@@ -241,7 +253,6 @@ class Evaluator:
         for split in splits:
             if not ood_sets[split]:
                 continue
-            result.scores[split] = {}
             for scorer in self.scorers:
                 scores = {"id": self._scores(scorer, *id_sets[split])}
                 scores.update(
@@ -250,15 +261,7 @@ class Evaluator:
                         for name, data in ood_sets[split].items()
                     }
                 )
-                per_set = {
-                    name: ood_metrics(scores["id"], scores[name]) for name in ood_sets[split]
-                }
-                result.scores[split][scorer.name] = scores
-                result.rows += [
-                    {"split": split, "scorer": scorer.name, "dataset": name, **m}
-                    for name, m in per_set.items()
-                ]
-                result.rows += _summary_rows(per_set, b, split, scorer.name)
+                result.add_scores(split, scorer.name, scores, b)
         return result
 
 

@@ -34,8 +34,13 @@ def check_out(out: Path) -> None:
         raise UserError(f"cannot write into {parent}; choose an --out folder you can write to")
 
 
-def append_log(out: Path, text: str) -> None:
-    """Append ``text`` (a line or lines) to ``out/log.txt``."""
+def append_log(out: Path, text: str, echo: bool = False) -> None:
+    """Append ``text`` (a line or lines) to ``out/log.txt``; ``echo`` also prints it above
+    any progress bar."""
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "a") as f:
         f.write(text.rstrip("\n") + "\n")
+    if echo:
+        from tqdm.auto import tqdm  # only where training prints: keeps this module light
+
+        tqdm.write(text)

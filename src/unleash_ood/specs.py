@@ -219,3 +219,8 @@ class FinetuneSpec:
     def check(self) -> None:
         """Kept for callers of the earlier API: a spec is validated when it is made."""
         self.__post_init__()
+
+
+# Generative detectors ``unleash detector train --kind`` can train (one default recipe each in
+# ``generative.trainer.DEFAULT_RECIPES``).
+DETECTOR_KINDS = ("vae",)

@@ -39,6 +39,7 @@ from unleash_ood.errors import UserError
 from unleash_ood.evaluate import forward_outputs
 from unleash_ood.metrics import accuracy
 from unleash_ood.models import Classifier, create_model
+from unleash_ood.rundir import append_log as append_log
 from unleash_ood.specs import SCHEDULES as SCHEDULES
 from unleash_ood.specs import Recipe as Recipe
 
@@ -93,6 +94,15 @@ def _state_path(ckpt_dir: Path, epoch: int) -> Path:
     return ckpt_dir / f"train_state_{epoch:03d}.safetensors"
 
 
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _optimizer_key(key: str, name: str) -> str:
+    """``momentum/<param>`` for SGD's buffer (the key older states hold), else
+    ``optimizer/<key>/<param>``."""
+    return f"momentum/{name}" if key == "momentum_buffer" else f"optimizer/{key}/{name}"
+
+
 def save_train_state(
     ckpt_dir: Path,
     epoch: int,
@@ -100,13 +110,15 @@ def save_train_state(
     opt: torch.optim.Optimizer,
     objective_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """SGD momentum buffers by parameter name and the objective's own state (e.g. POEM's
-    outlier buffer), for ``--resume``; older states are removed."""
+    """The optimizer's per-parameter tensors (SGD momentum buffers; Adam's moments and step)
+    by parameter name and the objective's own state (e.g. POEM's outlier buffer), for
+    ``--resume``; older states are removed."""
     names = {p: n for n, p in model.named_parameters()}
     tensors = {
-        f"momentum/{names[p]}": s["momentum_buffer"].detach().cpu().contiguous()
+        _optimizer_key(key, names[p]): t.detach().cpu().contiguous()
         for p, s in opt.state.items()
-        if s.get("momentum_buffer") is not None
+        for key, t in s.items()
+        if isinstance(t, torch.Tensor)
     }
     for key, t in (objective_state or {}).items():
         tensors[f"objective/{key}"] = t.detach().cpu().contiguous()
@@ -122,7 +134,8 @@ def save_train_state(
 def load_train_state(
     ckpt_dir: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer
 ) -> dict[str, torch.Tensor]:
-    """Restore the momentum buffers; returns the objective's saved state."""
+    """Restore the optimizer's per-parameter tensors; returns the objective's saved state.
+    Adam's ``step`` counts stay on the CPU, where the optimizer keeps them."""
     path = _state_path(ckpt_dir, epoch)
     if not path.exists():
         raise UserError(
@@ -130,10 +143,29 @@ def load_train_state(
         )
     tensors = load_file(str(path))
     for name, p in model.named_parameters():
-        if f"momentum/{name}" in tensors:
-            opt.state[p]["momentum_buffer"] = tensors[f"momentum/{name}"].to(p.device)
+        for key in ("momentum_buffer", *_ADAM_STATE):
+            t = tensors.get(_optimizer_key(key, name))
+            if t is not None:
+                opt.state[p][key] = t if key == "step" else t.to(p.device)
     prefix = "objective/"
     return {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
+
+
+def resume_run(
+    out: Path, recipe: Recipe, model: nn.Module, opt: torch.optim.Optimizer
+) -> tuple[int, dict[str, torch.Tensor]]:
+    """Load ``out/checkpoints/last`` and its optimizer state into ``model`` and ``opt``, once
+    its recipe is checked to be ``recipe``; returns its epoch and the objective's state."""
+    ckpt_dir = out / "checkpoints"
+    meta = read_sidecar(ckpt_dir / "last")
+    if meta.get("recipe") != asdict(recipe):
+        raise UserError(
+            f"cannot resume {out}: its recipe differs from the flags given; "
+            f"rerun with the same flags"
+        )
+    model.load_state_dict(load_file(str(ckpt_dir / "last.safetensors")))
+    epoch = meta["epoch"]
+    return epoch, load_train_state(ckpt_dir, epoch, model, opt)
 
 
 @dataclass
@@ -199,17 +231,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from ``checkpoints/last`` (model, momentum, epoch)."""
-        last = self.ckpt_dir / "last"
-        meta = read_sidecar(last)
-        if meta.get("recipe") != asdict(self.recipe):
-            raise UserError(
-                f"cannot resume {self.out}: its recipe differs from the flags given; "
-                f"rerun with the same flags"
-            )
-        state = load_file(str(last) + ".safetensors")
-        self.model.load_state_dict(state)
-        self.start_epoch = meta["epoch"]
-        state = load_train_state(self.ckpt_dir, self.start_epoch, self.model, self.opt)
+        self.start_epoch, state = resume_run(self.out, self.recipe, self.model, self.opt)
         if hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(state, self.model)
 
@@ -303,10 +325,7 @@ class Trainer:
             f"train acc {100 * s.train_acc:.2f}  val acc {100 * s.val_acc:.2f}  "
             f"{s.seconds:.1f}s"
         )
-        with open(self.out / "log.txt", "a") as f:
-            f.write(line + "\n")
-        if self.progress:
-            tqdm.write(line)
+        append_log(self.out, line, self.progress)
 
 
 def replay_saves(

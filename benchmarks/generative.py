@@ -1,0 +1,212 @@
+"""Generative OOD detectors on fmnist over three seeds, beside the shipped classifier's scores.
+
+    python benchmarks/generative.py [--runs-dir runs/generative] [--seeds 0,1,2]
+        [--epochs 200] [--width 32] [--device auto] [--out benchmarks/results/generative]
+    python benchmarks/generative.py --measure-steps 5     # time a few training steps, then stop
+
+Each seed is one ``unleash detector train --kind vae`` run (the authors' recipe: Adam lr 3e-4,
+batch 64, gradient clip 100; ``--epochs``/``--width`` shrink it) and one ``unleash detector
+evaluate --scores all --splits val,test`` of its last checkpoint, each a child process, so the
+study runs exactly what a user runs. A finished run is skipped; an interrupted one continues
+with ``--resume`` (bit-exact on a CPU). The shipped CNN is evaluated once with every classifier
+score for the comparison rows. After every step the tables are rebuilt from whatever has
+finished into ``<out>.md`` and ``<out>.json``: AUROC and both FPR95 conventions per OOD test
+set and their mean (mean ± std over seeds), training time (sum of the logged epochs) and
+scoring time (wall time of the evaluate command). ``elbo`` is the plain likelihood: an AUROC
+below 50 on a set means the VAE rates those OOD images as more likely than ID images, the
+failure Error Reduction and the score test were made for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
+from unleash_ood.data import load_benchmark
+from unleash_ood.demo import shipped_checkpoint
+from unleash_ood.device import resolve_device
+from unleash_ood.generative import create_detector
+from unleash_ood.generative.trainer import detector_recipe
+from unleash_ood.metrics import METRIC_NAMES
+from unleash_ood.report import markdown_table
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+METRICS = ("auroc", "fpr95_id", "fpr95_ood")
+CLASSIFIER_SCORES = ("energy", "knn", "vim", "msp")
+
+
+def unleash(*args: str) -> float:
+    """Run an ``unleash`` command in a child process; returns its wall time in seconds."""
+    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "unleash_ood", *args], check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def train_args(run: Path, seed: int, a: argparse.Namespace) -> list[str]:
+    args = ["detector", "train", "--kind", "vae", "--benchmark", "fmnist", "--out", str(run)]
+    args += ["--seed", str(seed), "--epochs", str(a.epochs), "--model-arg", f"width={a.width}"]
+    return [*args, "--device", a.device, "--no-progress"]
+
+
+def last_epoch(run: Path) -> int:
+    sidecar = run / "checkpoints" / "last.json"
+    return json.loads(sidecar.read_text())["epoch"] if sidecar.exists() else 0
+
+
+def train_seconds(run: Path) -> float:
+    """Sum of the logged epoch times (an interrupted epoch's lost work is not counted)."""
+    return sum(float(m) for m in re.findall(r"(\d+\.\d)s$", (run / "log.txt").read_text(), re.M))
+
+
+def timed_evaluation(out: Path, *args: str) -> None:
+    """Run an evaluate command into ``out`` unless it has finished; keep its wall time."""
+    if (out / "metrics.json").exists():
+        return
+    seconds = unleash(*args, "--out", str(out), "--splits", "val,test", "--no-progress")
+    atomic_write_json(out / "timing.json", {"seconds": seconds})
+
+
+def rows_of(out: Path) -> dict[tuple[str, str], dict[str, float]]:
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    return {(r["scorer"], r["dataset"]): r for r in rows if r["split"] == "test"}
+
+
+def tables(runs: list[Path], classifier: Path, out: Path) -> None:
+    """Mean ± std over the finished seeds, per score and OOD test set."""
+    done = [r for r in runs if (r / "eval" / "metrics.json").exists()]
+    per_seed = {r.name: rows_of(r / "eval") for r in done}
+    reference = rows_of(classifier) if (classifier / "metrics.json").exists() else {}
+    sets = list(dict.fromkeys(d for rows in (*per_seed.values(), reference) for _, d in rows))
+    lines = [f"# Generative detectors on fmnist ({len(done)} of {len(runs)} seeds finished)", ""]
+    summary: dict = {"seeds": {}, "classifier": {}}
+    for name in sets:
+        table = []
+        scorers = list(dict.fromkeys(s for rows in per_seed.values() for s, d in rows if d == name))
+        for s in scorers:
+            vals = {m: [100 * rows[(s, name)][m] for rows in per_seed.values()] for m in METRICS}
+            cells = [f"{np.mean(v):.2f} ± {np.std(v):.2f}" for v in vals.values()]
+            table.append([f"vae {s}", *cells])
+        for s in CLASSIFIER_SCORES:
+            if (s, name) in reference:
+                table.append(
+                    [f"cnn {s}", *(f"{100 * reference[(s, name)][m]:.2f}" for m in METRICS)]
+                )
+        lines += [
+            f"## {name}",
+            "",
+            markdown_table(["detector", "AUROC", "FPR95 (ID+)", "FPR95 (OOD+)"], table),
+            "",
+        ]
+    timing = []
+    for r in done:
+        score_s = json.loads((r / "eval" / "timing.json").read_text())["seconds"]
+        timing.append([r.name, f"{train_seconds(r) / 60:.1f}", f"{score_s / 60:.1f}"])
+        summary["seeds"][r.name] = {
+            "train_seconds": train_seconds(r),
+            "score_seconds": score_s,
+            "rows": {
+                f"{s}/{d}": {m: v[m] for m in METRIC_NAMES}
+                for (s, d), v in rows_of(r / "eval").items()
+            },
+        }
+    summary["classifier"] = {f"{s}/{d}": v["auroc"] for (s, d), v in reference.items()}
+    lines += [
+        "## Time",
+        "",
+        markdown_table(["seed", "train (min)", "score val+test (min)"], timing),
+        "",
+    ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out.with_suffix(".md"), "\n".join(lines).encode())
+    atomic_write_json(out.with_suffix(".json"), summary)
+
+
+def measure(a: argparse.Namespace) -> None:
+    """Seconds per training step of the recipe on this machine, and what an epoch costs."""
+    recipe = detector_recipe("vae", model_kwargs={"width": a.width})
+    bench = load_benchmark("fmnist")
+    device = resolve_device(a.device)
+    torch.manual_seed(0)
+    model = create_detector("vae", 1, 28, width=a.width).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    x, _ = bench.id_train.__getitems__(range(recipe.batch_size))
+    x = x.to(device)
+    times = []
+    for _ in range(a.measure_steps + 1):  # the first step warms up
+        t0 = time.perf_counter()
+        opt.zero_grad()
+        loss, _ = model.loss(x)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    step = float(np.median(times[1:]))
+    steps = len(bench.id_train) // recipe.batch_size
+    print(
+        f"vae width {a.width} on {device}: {step:.3f} s per step of {recipe.batch_size} "
+        f"(median of {a.measure_steps}); {steps} steps = {step * steps / 60:.1f} min per epoch; "
+        f"{a.epochs} epochs x {len(a.seeds.split(','))} seeds = "
+        f"{step * steps * a.epochs * len(a.seeds.split(',')) / 3600:.1f} h of training"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs-dir", default="runs/generative")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--epochs", type=int, default=200, help="the authors' 200 by default")
+    p.add_argument("--width", type=int, default=32, help="VAE width (the authors' 32)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default="benchmarks/results/generative")
+    p.add_argument("--measure-steps", type=int, default=0, help="only time this many steps")
+    a = p.parse_args()
+    if a.measure_steps:
+        measure(a)
+        return
+    root = Path(a.runs_dir)
+    runs = [root / f"vae-seed{s}" for s in a.seeds.split(",")]
+    classifier = root / "classifier"
+    timed_evaluation(
+        classifier,
+        "evaluate",
+        "--checkpoint",
+        str(shipped_checkpoint()),
+        "--scores",
+        "all",
+        "--device",
+        a.device,
+    )
+    tables(runs, classifier, Path(a.out))
+    for seed, run in zip(a.seeds.split(","), runs, strict=True):
+        if last_epoch(run) < a.epochs:
+            resume = ["--resume"] if last_epoch(run) > 0 else []
+            unleash(*train_args(run, int(seed), a), *resume)
+        timed_evaluation(
+            run / "eval",
+            "detector",
+            "evaluate",
+            "--from",
+            str(run),
+            "--scores",
+            "all",
+            "--device",
+            a.device,
+        )
+        tables(runs, classifier, Path(a.out))
+    print(Path(a.out).with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""OOD detectors that need no classifier: a generative model trained on ID images alone, and
+scores computed from it (higher = more ID-like, as everywhere).
+
+- ``vae`` (:mod:`.vae`): the VAE of Error Reduction, restoring lossy inputs; scores
+  ``error_reduction`` (:mod:`.error_reduction`), ``score_test`` (:mod:`.score_test`) and the
+  plain likelihood ``elbo``.
+
+Train with :func:`unleash_ood.generative.trainer.train_detector`, score with
+:func:`unleash_ood.generative.evaluate.evaluate_detector`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unleash_ood.errors import UserError
+from unleash_ood.generative.base import DetectorScore, GenerativeModel
+from unleash_ood.generative.error_reduction import ErrorReduction
+from unleash_ood.generative.score_test import ScoreTest
+from unleash_ood.generative.vae import ELBO, VAE
+
+MODELS: dict[str, type[GenerativeModel]] = {cls.kind: cls for cls in (VAE,)}
+SCORES: dict[str, type[DetectorScore]] = {
+    cls.name: cls for cls in (ErrorReduction, ScoreTest, ELBO)
+}
+
+__all__ = [
+    "MODELS",
+    "SCORES",
+    "DetectorScore",
+    "GenerativeModel",
+    "create_detector",
+    "parse_detector_scores",
+]
+
+
+def create_detector(
+    kind: str, in_channels: int, input_size: int, **options: Any
+) -> GenerativeModel:
+    """An untrained detector model by kind, e.g. ``create_detector("vae", 1, 28, width=16)``."""
+    if kind not in MODELS:
+        raise UserError(f"unknown detector kind {kind!r}; choose {', '.join(MODELS)}")
+    try:
+        return MODELS[kind](in_channels=in_channels, input_size=input_size, **options)
+    except TypeError as e:
+        raise UserError(f"detector {kind!r} rejected its options: {e}") from e
+
+
+def _value(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_detector_scores(spec: str, kind: str) -> list[DetectorScore]:
+    """Scores of a detector from ``"error_reduction:lam=2,score_test"``; ``"all"`` alone gives
+    every score the kind supports. Each name may appear once."""
+    entries = [e.strip() for e in spec.split(",") if e.strip()]
+    supported = [n for n, cls in SCORES.items() if kind in cls.kinds]
+    if entries == ["all"]:
+        return [SCORES[n]() for n in supported]
+    if not entries:
+        raise UserError(f"no score given; choose from {', '.join(supported)} or all")
+    out: list[DetectorScore] = []
+    for entry in entries:
+        name, *pairs = entry.split(":")
+        if name not in supported:
+            raise UserError(
+                f"unknown score {name!r} for a {kind} detector; choose from {', '.join(supported)}"
+            )
+        if name in (s.name for s in out):
+            raise UserError(f"score {name!r} is given twice; give each score once")
+        params = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep:
+                raise UserError(f"score parameters are key=value; got {pair!r} in {entry!r}")
+            params[key] = _value(value)
+        try:
+            out.append(SCORES[name](**params))
+        except TypeError as e:
+            valid = ", ".join(SCORES[name]().params()) or "none"
+            raise UserError(
+                f"{name} does not take {', '.join(sorted(params))}; its parameters: {valid}"
+            ) from e
+    return out
