@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from unleash_ood.errors import UserError
 from unleash_ood.models import Classifier, create_model
+from unleash_ood.models.masked import apply_umap
 
 FORMAT = "unleash-ood/1"
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
@@ -209,8 +210,6 @@ def build_model(meta: dict[str, Any]) -> Classifier:
             f"{meta.get('model_kwargs', {})} cannot be built ({e}); the checkpoint is damaged"
         ) from e
     if meta.get("umap"):
-        from unleash_ood.method.umap import apply_umap
-
         apply_umap(model, **meta["umap"])
     return model
 

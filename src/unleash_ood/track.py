@@ -24,6 +24,7 @@ from unleash_ood.device import to_device
 from unleash_ood.evaluate import Evaluation, Evaluator
 from unleash_ood.metrics import METRIC_NAMES
 from unleash_ood.models import Classifier
+from unleash_ood.report import save_figure
 from unleash_ood.train import replay_saves
 
 COLUMNS = (
@@ -206,8 +207,6 @@ def select_epoch(rows: Sequence[dict], rule: SelectionRule | None = None) -> dic
 def plot_track(rows: Sequence[dict], path: Path, title: str) -> None:
     """ID accuracy, mean AUROC and mean FPR95 (ID+) against epoch; solid test, dashed val."""
     import matplotlib.pyplot as plt
-
-    from unleash_ood.report import save_figure
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     epochs, loss = per_epoch(rows, "train_loss")

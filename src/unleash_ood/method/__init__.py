@@ -7,7 +7,7 @@ from unleash_ood.method.constraint import (
     estimate_loss_constraint,
     um_loss,
 )
-from unleash_ood.method.umap import (
+from unleash_ood.models.masked import (
     MaskedConv2d,
     MaskedLinear,
     TopKMask,

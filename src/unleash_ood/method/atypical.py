@@ -16,6 +16,7 @@ import torch
 from unleash_ood.data.base import ImageSet
 from unleash_ood.evaluate import forward_outputs
 from unleash_ood.method.constraint import masked_copy, per_sample_losses
+from unleash_ood.report import save_figure
 
 
 @dataclass(frozen=True)
@@ -85,8 +86,6 @@ def plot_grid(
 ) -> None:
     """Rows = classes; left block the most atypical samples, right block the most typical."""
     import matplotlib.pyplot as plt
-
-    from unleash_ood.report import save_figure
 
     labels = data.labels.numpy()
     classes = np.unique(labels)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from unleash_ood.method.outliers import oe_loss
+from unleash_ood.method.losses import oe_loss
 
 GAMMAS = (1e-1, 1e-2, 1e-3, 1e-4)
 SMOOTHING = 0.6

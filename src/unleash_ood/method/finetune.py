@@ -21,6 +21,7 @@ from unleash_ood.checkpoint import (
     save_checkpoint,
     spec_of,
 )
+from unleash_ood.data.auxiliary import load_aux
 from unleash_ood.data.base import Benchmark
 from unleash_ood.data.noise import TrainingData
 from unleash_ood.errors import UserError
@@ -32,6 +33,7 @@ from unleash_ood.method.constraint import (
     mean_train_loss,
 )
 from unleash_ood.method.outliers import OutlierObjective
+from unleash_ood.models.masked import apply_umap, export_dense, mask_sparsity
 from unleash_ood.specs import METHODS as METHODS
 from unleash_ood.specs import PAPER_RECIPE
 from unleash_ood.specs import RECIPES as RECIPES
@@ -66,8 +68,6 @@ def with_method_layers(model: torch.nn.Module, spec: FinetuneSpec, seed: int) ->
     """UMAP wraps every conv/linear layer in a learnable mask; UM and CE train all weights."""
     if spec.method != "umap":
         return model
-    from unleash_ood.method.umap import apply_umap
-
     return apply_umap(model, keep=spec.keep, train_weights=spec.train_weights, seed=seed)
 
 
@@ -77,8 +77,6 @@ def make_objective(
     """The training loss: CE or UM on the ID term, plus an outlier term when asked for."""
     if spec.outliers is None:
         return UMObjective(xi) if xi is not None else cross_entropy
-    from unleash_ood.data.auxiliary import load_aux
-
     c, h, _ = benchmark.image_shape
     aux = load_aux(spec.outliers.aux, h, c, spec.outliers.aux_size, recipe.seed)
     return OutlierObjective(
@@ -148,8 +146,6 @@ def run_finetune(
         return out / "checkpoints" / "final"
     dense = model
     if spec.method == "umap":
-        from unleash_ood.method.umap import export_dense, mask_sparsity
-
         dense = export_dense(model)
         atomic_write_json(out / "sparsity.json", mask_sparsity(model))
     final = out / "checkpoints" / "final"

@@ -29,26 +29,16 @@ from unleash_ood.data.base import ImageSet
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
 from unleash_ood.method.constraint import um_loss
+from unleash_ood.method.doe import Perturbation
+from unleash_ood.method.losses import energy_margin_loss as energy_margin_loss
+from unleash_ood.method.losses import oe_loss as oe_loss
+from unleash_ood.method.poem import PoemSelector
 from unleash_ood.specs import DEFAULT_WEIGHT as DEFAULT_WEIGHT
 from unleash_ood.specs import OUTLIER_METHODS as OUTLIER_METHODS
 from unleash_ood.specs import OutlierSpec
 
 # Maps (ID logits, labels) to the ID term: cross-entropy, or the UM loss on it.
 IdLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def oe_loss(out_logits: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy from the outliers' softmax to the uniform distribution."""
-    return (torch.logsumexp(out_logits, 1) - out_logits.mean(1)).mean()
-
-
-def energy_margin_loss(
-    id_logits: torch.Tensor, out_logits: torch.Tensor, m_in: float, m_out: float
-) -> torch.Tensor:
-    """Squared hinges that push ID energies below ``m_in`` and outlier energies above ``m_out``."""
-    e_in = -torch.logsumexp(id_logits, 1)
-    e_out = -torch.logsumexp(out_logits, 1)
-    return F.relu(e_in - m_in).pow(2).mean() + F.relu(m_out - e_out).pow(2).mean()
 
 
 def id_loss(xi: float | None) -> IdLoss:
@@ -90,8 +80,6 @@ class OutlierObjective:
         self.generator = torch.Generator()
         self.perturbation = None
         if spec.method == "poem":
-            from unleash_ood.method.poem import PoemSelector
-
             if id_train is None:
                 raise ValueError("POEM needs the ID training set for its regression")
             self.selector = PoemSelector(spec.poem_keep, seed)
@@ -106,8 +94,6 @@ class OutlierObjective:
         if self.spec.method == "poem":
             self.pool = self.selector.select(model, self.aux, self.id_train, epoch)
         if self.spec.method == "doe" and epoch >= round(self.spec.doe_warmup * self.epochs):
-            from unleash_ood.method.doe import Perturbation
-
             self.perturbation = self.perturbation or Perturbation(model)
         self._reshuffle()
 
@@ -143,8 +129,6 @@ class OutlierObjective:
         if "poem_history" in state:
             self.selector.history = list(state["poem_history"].unbind())
         if any(k.startswith("doe_direction/") for k in state):
-            from unleash_ood.method.doe import Perturbation
-
             self.perturbation = Perturbation(model)
             self.perturbation.load_state_dict(state)
 

@@ -1,0 +1,258 @@
+"""Every bad input through the command line: exit code 2, one line on stderr that says what to
+do, and the output folder untouched (absent, or exactly as it was)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import fake_fashion, write_idx
+from unleash_ood.cli import main
+
+CPU = ["--device", "cpu"]
+
+
+def snapshot(folder: Path) -> dict[str, bytes] | None:
+    if not folder.exists():
+        return None
+    if folder.is_file():
+        return {"": folder.read_bytes()}
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory, tiny_checkpoint, fmnist_dir) -> dict[str, str]:
+    """Damaged checkpoints, data folders and run directories, made once."""
+    root = tmp_path_factory.mktemp("broken")
+    paths: dict[str, str] = {}
+    meta = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
+
+    def checkpoint(name: str, sidecar) -> None:
+        shutil.copy(tiny_checkpoint.with_suffix(".safetensors"), root / f"{name}.safetensors")
+        text = sidecar if isinstance(sidecar, str) else json.dumps(sidecar)
+        (root / f"{name}.json").write_text(text)
+        paths[name] = str(root / name)
+
+    checkpoint("list", [1, 2, 3])
+    checkpoint("nokey", {k: v for k, v in meta.items() if k != "num_classes"})
+    checkpoint("negwidth", {**meta, "model_kwargs": {"width": -3}})
+    checkpoint("strclasses", {**meta, "num_classes": "10"})
+    checkpoint("format", {**meta, "format": "other/9"})
+    checkpoint("notjson", "{not json")
+    checkpoint("fiveclass", {**meta, "num_classes": 5})
+    checkpoint("nanmean", {**meta, "mean": [float("nan")]})
+    (root / "dirsidecar.json").mkdir()
+    shutil.copy(tiny_checkpoint.with_suffix(".safetensors"), root / "dirsidecar.safetensors")
+    paths["dirsidecar"] = str(root / "dirsidecar")
+    shutil.copy(tiny_checkpoint.with_suffix(".json"), root / "truncated.json")
+    data = tiny_checkpoint.with_suffix(".safetensors").read_bytes()
+    (root / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    paths["truncated"] = str(root / "truncated")
+
+    def data_dir(name: str, edit) -> None:
+        folder = root / name / "fashion-mnist"
+        shutil.copytree(fmnist_dir / "fashion-mnist", folder)
+        edit(folder)
+        paths[name] = str(root / name)
+
+    def truncate(folder: Path) -> None:
+        f = folder / "train-images-idx3-ubyte.gz"
+        f.write_bytes(f.read_bytes()[:200])
+
+    def mismatch(folder: Path) -> None:
+        write_idx(folder / "train-labels-idx1-ubyte.gz", fake_fashion(1000, 0)[1])
+
+    def rank(folder: Path) -> None:
+        write_idx(folder / "train-images-idx3-ubyte.gz", fake_fashion(1200, 0)[0][:, :, 0])
+
+    def big_label(folder: Path) -> None:
+        labels = fake_fashion(1200, 0)[1].copy()
+        labels[5] = 12
+        write_idx(folder / "train-labels-idx1-ubyte.gz", labels)
+
+    def not_gzip(folder: Path) -> None:
+        (folder / "t10k-images-idx3-ubyte.gz").write_bytes(b"plain bytes, not gzip")
+
+    def bad_magic(folder: Path) -> None:
+        with gzip.open(folder / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(b"\x00\x00\x0d\x01" + np.uint32(300).byteswap().tobytes() + bytes(300))
+
+    for name, edit in [
+        ("truncated_idx", truncate),
+        ("count_mismatch", mismatch),
+        ("wrong_rank", rank),
+        ("label_too_big", big_label),
+        ("not_gzip", not_gzip),
+        ("bad_dtype", bad_magic),
+    ]:
+        data_dir(name, edit)
+    (root / "a_file").write_text("x")
+    paths["a_file"] = str(root / "a_file")
+    ro = root / "readonly"
+    ro.mkdir()
+    ro.chmod(0o500)
+    paths["readonly"] = str(ro / "out")
+    run = root / "finished_eval"
+    run.mkdir()
+    (run / "metrics.json").write_text("{}")
+    (run / "config.json").write_text("{}")
+    paths["finished_eval"] = str(run)
+    started = root / "no_xi"
+    (started / "checkpoints").mkdir(parents=True)
+    paths["no_xi"] = str(started)
+    empty_run = root / "empty_run"
+    empty_run.mkdir()
+    paths["empty_run"] = str(empty_run)
+    return paths
+
+
+# (command line with placeholders, words the one error line must contain)
+# {ckpt}: a good checkpoint, {out}: a fresh output folder, {missing} / {nowhere}: paths that
+# do not exist, {b_NAME}: a damaged file or folder from the fixture above. The small
+# Fashion-MNIST is the data unless the line names its own --data-dir.
+CASES = [
+    # evaluate
+    ("evaluate --checkpoint {ckpt} --scores msp,nope --out {out}", "unknown scorer 'nope'"),
+    ("evaluate --checkpoint {ckpt} --benchmark imagenet9 --out {out}", "unknown benchmark"),
+    ("evaluate --checkpoint {missing} --out {out}", "no checkpoint at"),
+    ("evaluate --checkpoint {ckpt} --batch-size 0 --out {out}", "--batch-size"),
+    ("evaluate --checkpoint {ckpt} --splits train --out {out}", "unknown split 'train'"),
+    ("evaluate --checkpoint {ckpt} --out {b_a_file}", "is a file"),
+    ("evaluate --checkpoint {ckpt} --out {b_finished_eval}", "already holds results"),
+    ("evaluate --checkpoint {ckpt} --out {b_readonly}", "cannot write"),
+    ("evaluate --checkpoint {ckpt} --cache {b_a_file} --out {out}", "--cache"),
+    ("evaluate --checkpoint {ckpt} --scores energy:temperature=abc --out {out}", "temperature"),
+    ("evaluate --checkpoint {ckpt} --scores knn:k=0 --out {out}", "k"),
+    ("evaluate --checkpoint {ckpt} --scores energy:nope=1 --out {out}", "nope"),
+    ("evaluate --checkpoint {ckpt} --device cuda --out {out}", "CUDA is not available"),
+    ("evaluate --checkpoint {ckpt} --device tpu9 --out {out}", "unknown device"),
+    ("evaluate --checkpoint {b_list} --out {out}", "not a checkpoint sidecar"),
+    ("evaluate --checkpoint {b_nokey} --out {out}", "num_classes"),
+    ("evaluate --checkpoint {b_negwidth} --out {out}", "cannot be built"),
+    ("evaluate --checkpoint {b_strclasses} --out {out}", "num_classes"),
+    ("evaluate --checkpoint {b_format} --out {out}", "not an unleash-ood checkpoint"),
+    ("evaluate --checkpoint {b_notjson} --out {out}", "not valid JSON"),
+    ("evaluate --checkpoint {b_fiveclass} --out {out}", "predicts 5 classes"),
+    ("evaluate --checkpoint {b_nanmean} --out {out}", "mean"),
+    ("evaluate --checkpoint {b_dirsidecar} --out {out}", "no checkpoint at"),
+    ("evaluate --checkpoint {b_truncated} --out {out}", "not a readable safetensors"),
+    ("evaluate --checkpoint {ckpt} --data-dir {nowhere} --out {out}", "does not exist"),
+    ("evaluate --checkpoint {ckpt} --data-dir {b_truncated_idx} --out {out}", "damaged"),
+    ("evaluate --checkpoint {ckpt} --data-dir {b_count_mismatch} --out {out}", "labels"),
+    ("evaluate --checkpoint {ckpt} --data-dir {b_wrong_rank} --out {out}", "IDX"),
+    ("evaluate --checkpoint {ckpt} --data-dir {b_label_too_big} --out {out}", "label"),
+    ("evaluate --checkpoint {ckpt} --data-dir {b_not_gzip} --out {out}", "damaged"),
+    ("evaluate --checkpoint {ckpt} --data-dir {b_bad_dtype} --out {out}", "IDX"),
+    ("evaluate --checkpoint {ckpt} --grid knn:k=5 --out {out}", "--grid"),
+    ("evaluate --checkpoint {ckpt} --bogus-flag --out {out}", "unrecognized arguments"),
+    ("evaluate --out {out}", "--checkpoint"),
+    # pretrain
+    ("pretrain --lr nan --out {out}", "--lr must be a finite number > 0"),
+    ("pretrain --lr -1 --out {out}", "--lr must be a finite number > 0"),
+    ("pretrain --momentum -0.5 --out {out}", "--momentum"),
+    ("pretrain --weight-decay nan --out {out}", "--weight-decay"),
+    ("pretrain --epochs 0 --out {out}", "--epochs must be a positive integer"),
+    ("pretrain --batch-size 0 --out {out}", "--batch-size must be a positive integer"),
+    ("pretrain --save-every 0 --out {out}", "--save-every"),
+    ("pretrain --schedule linear --out {out}", "unknown schedule"),
+    ("pretrain --augment rotate --out {out}", "unknown augmentation"),
+    ("pretrain --model nope --out {out}", "nope"),
+    ("pretrain --model-arg width=abc --out {out}", "width"),
+    ("pretrain --model-arg width --out {out}", "key=value"),
+    ("pretrain --model-arg depth=3 --out {out}", "depth"),
+    ("pretrain --label-noise 1.5 --out {out}", "--label-noise"),
+    ("pretrain --label-noise nan --out {out}", "--label-noise"),
+    ("pretrain --train-size 0 --out {out}", "subset size"),
+    ("pretrain --train-size 999999 --out {out}", "larger than the training set"),
+    ("pretrain --batch-size 5000 --out {out}", "smaller than one batch"),
+    ("pretrain --resume --out {out}", "drop --resume"),
+    ("pretrain --track --eval-batch-size 0 --out {out}", "--eval-batch-size"),
+    ("pretrain --track --scores nope --out {out}", "unknown scorer"),
+    ("pretrain --out {b_a_file}", "is a file"),
+    ("pretrain --out {b_readonly}", "cannot write"),
+    ("pretrain --device cuda --out {out}", "CUDA is not available"),
+    # finetune
+    ("finetune --from {ckpt} --xi nan --out {out}", "--xi must be a finite number > 0"),
+    ("finetune --from {ckpt} --xi inf --out {out}", "--xi must be a finite number > 0"),
+    ("finetune --from {ckpt} --xi -1 --out {out}", "--xi must be a finite number > 0"),
+    ("finetune --from {ckpt} --xi big --out {out}", "--xi takes estimate, validate or a number"),
+    ("finetune --from {ckpt} --xi 1e-9 --out {out}", "not above the model's own training loss"),
+    ("finetune --from {ckpt} --keep 0 --out {out}", "--keep"),
+    ("finetune --from {ckpt} --keep 1.5 --out {out}", "--keep"),
+    ("finetune --from {ckpt} --n-masks 0 --out {out}", "--n-masks"),
+    ("finetune --from {ckpt} --mask-fraction 1.5 --out {out}", "--mask-fraction"),
+    ("finetune --from {ckpt} --xi-grid 1,abc --out {out}", "--xi-grid"),
+    ("finetune --from {ckpt} --xi-reduction max --out {out}", "--xi-reduction"),
+    ("finetune --from {ckpt} --recipe long --out {out}", "--recipe"),
+    ("finetune --from {ckpt} --method nope --out {out}", "--method"),
+    ("finetune --from {missing} --out {out}", "no checkpoint at"),
+    ("finetune --from {ckpt} --lr nan --out {out}", "--lr must be a finite number > 0"),
+    ("finetune --from {ckpt} --outliers oe --aux {missing} --out {out}", "no such file"),
+    ("finetune --from {ckpt} --outliers oe --aux-ratio 0 --out {out}", "--aux-ratio"),
+    ("finetune --from {ckpt} --outliers oe --aux-size 0 --out {out}", "--aux-size"),
+    ("finetune --from {ckpt} --outliers vos --out {out}", "--outliers"),
+    ("finetune --from {ckpt} --outliers oe --poem-keep 0 --out {out}", "--poem-keep"),
+    ("finetune --from {ckpt} --resume --out {b_no_xi}", "no xi.json"),
+    ("finetune --from {ckpt} --resume --out {out}", "drop --resume"),
+    ("finetune --from {b_list} --out {out}", "not a checkpoint sidecar"),
+    ("finetune --from {ckpt} --out {b_a_file}", "is a file"),
+    # atypical
+    ("atypical --from {missing} --out {out}", "no checkpoint at"),
+    ("atypical --from {ckpt} --n-masks 0 --out {out}", "--n-masks"),
+    ("atypical --from {ckpt} --mask-fraction 0 --out {out}", "mask fraction"),
+    ("atypical --from {ckpt} --out {b_a_file}", "is a file"),
+    ("atypical --from {ckpt} --out {b_finished_eval}", "already holds results"),
+    # demo, track, datasets
+    ("demo --quick --train --out {out}", "pass one of the two"),
+    ("demo --out {b_finished_eval}", "not empty"),
+    ("track {b_empty_run}", "no epoch checkpoints"),
+    ("track {b_empty_run} --scores nope", "unknown scorer"),
+    ("datasets --data-dir {nowhere}", "does not exist"),
+    ("nosuchcommand", "invalid choice"),
+]
+
+
+def expand(template: str, ckpt: Path, data: Path, out: Path, broken: dict) -> list[str]:
+    values = {
+        "ckpt": str(ckpt),
+        "out": str(out),
+        "missing": str(out.parent / "missing"),
+        "nowhere": str(out.parent / "nowhere"),
+        **{f"b_{k}": v for k, v in broken.items()},
+    }
+    argv = [a.format(**values) for a in template.split()]
+    plain = argv[0] in ("datasets", "nosuchcommand")
+    data_flags = [] if plain or "--data-dir" in argv else ["--data-dir", str(data)]
+    device = [] if plain or "--device" in argv else CPU
+    return [*argv, *data_flags, *device]
+
+
+def test_there_are_many_cases() -> None:
+    assert len(CASES) >= 60
+
+
+@pytest.mark.parametrize(("template", "words"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_and_exit_2(
+    capsys, tmp_path, fmnist_dir, tiny_checkpoint, broken, template, words
+) -> None:
+    out = tmp_path / "out"
+    argv = expand(template, tiny_checkpoint, fmnist_dir, out, broken)
+    touched = [Path(a) for a in argv if a.startswith(str(tmp_path)) or a in broken.values()]
+    before = {p: snapshot(p) for p in touched}
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, (argv, err)
+    assert len(lines) == 1, err
+    assert words in lines[0], lines[0]
+    assert all(snapshot(p) == before[p] for p in touched), "the output folder changed"
+    assert not os.path.exists(out) or before.get(out) is not None
