@@ -11,10 +11,12 @@ from torch import nn
 from unleash_ood.errors import UserError
 from unleash_ood.outputs import Outputs
 from unleash_ood.scores.base import Scorer, check_range
+from unleash_ood.scores.stats import block_map, class_means, shared_covariance
 
-# Similarity-matrix entries computed at once by k-NN (128 MB in float32).
-_CHUNK_ELEMENTS = 2**25
-# Bank columns per group in the k-th-largest search of k-NN.
+# Query rows and bank rows of one tile of the k-NN search: a 16 MiB float32 similarity block.
+_QUERY_ROWS = 512
+_BANK_ROWS = 8192
+# Bank columns per group in the k-NN search's candidate selection.
 _GROUP = 64
 
 
@@ -41,64 +43,74 @@ class Mahalanobis(Scorer):
                 "mahalanobis needs the class labels of the training outputs, but some are -1 "
                 "(no class); fit it on the labelled ID training set"
             )
-        feats = train.features.double()
-        classes, index = torch.unique(train.labels, return_inverse=True)
-        sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, index, feats)
-        means = sums / torch.bincount(index).double()[:, None]
-        centred = feats - means[index]
-        self.precision_ = torch.linalg.pinv(centred.T @ centred / len(feats), hermitian=True)
+        classes, means = class_means(train.features, train.labels)
+        covariance = shared_covariance(train.features, train.labels, classes, means)
+        self.precision_ = torch.linalg.pinv(covariance, hermitian=True)
         self.means_ = means
         return self
 
     def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:
         self._check_fitted()
-        x, means = outputs.features.double(), self.means_
-        x_p, means_p = x @ self.precision_, means @ self.precision_
-        # (x - mu)^T P (x - mu) for every class at once, expanded to avoid an (N, C, D) tensor.
-        sq = (x_p * x).sum(1, keepdim=True) - 2 * x_p @ means.T + (means_p * means).sum(1)
-        return -sq.min(dim=1).values
+        means, precision = self.means_, self.precision_
+        means_term = ((means @ precision) * means).sum(1)
+
+        def closest(x: torch.Tensor) -> torch.Tensor:
+            # (x - mu)^T P (x - mu) for every class at once, expanded to avoid a (N, C, D) tensor.
+            x = x.double()
+            x_p = x @ precision
+            sq = (x_p * x).sum(1, keepdim=True) - 2 * x_p @ means.T + means_term
+            return -sq.min(dim=1).values
+
+        return block_map(closest, outputs.features)
 
 
-def kth_largest(sims: torch.Tensor, k: int, group: int = _GROUP) -> torch.Tensor:
-    """The ``k``-th largest entry of each row of ``sims`` ``(R, G * group)``, exactly.
+def top_candidates(sims: torch.Tensor, k: int, group: int = _GROUP) -> torch.Tensor:
+    """Columns of ``sims`` ``(R, W)`` that include each row's ``k`` largest entries.
 
     A full-width top-k is the slow part of a k-NN search, so it is run on few candidates:
     split each row into groups of ``group`` columns; only the ``k`` groups with the largest
     maxima can hold the row's ``k`` largest values. (An entry in any other group is at most
     that group's maximum, which is at most each of the ``k`` larger maxima, so at least
-    ``k`` candidates are as large as it.) Ties cannot change the value found.
+    ``k`` candidates are as large as it.) Columns after the last whole group are always kept;
+    rows with at most ``k`` groups come back whole. Ties cannot change the ``k`` values kept.
     """
-    rows = sims.shape[0]
-    grouped = sims.view(rows, -1, group)
+    rows, width = sims.shape
+    groups = width // group
+    if groups <= k:
+        return sims
+    grouped = sims[:, : groups * group].view(rows, groups, group)
     top_groups = grouped.amax(dim=2).topk(k, dim=1, sorted=False).indices
-    candidates = grouped.gather(1, top_groups[:, :, None].expand(-1, -1, group))
-    return candidates.view(rows, -1).topk(k, dim=1, sorted=False).values.amin(dim=1)
+    picked = grouped.gather(1, top_groups[:, :, None].expand(-1, -1, group)).view(rows, -1)
+    return torch.cat([picked, sims[:, groups * group :]], dim=1)
 
 
 def knn_distance(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_rows: int | None = None
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    query_rows: int = _QUERY_ROWS,
+    bank_rows: int = _BANK_ROWS,
 ) -> torch.Tensor:
     """Euclidean distance from each unit-norm query to its ``k``-th nearest unit-norm bank row.
 
     For unit vectors ``|q - b|^2 = 2 - 2 q.b``, so the k-th nearest neighbour is the k-th
-    largest dot product; queries go through in chunks of ``chunk_rows`` (by default as many
-    as keep the similarity block near ``_CHUNK_ELEMENTS`` entries). The block is allocated
-    once: a fresh 128 MB tensor per chunk costs as much in page faults as the product itself.
-    Banks of at least ``k`` groups are padded to whole groups with columns of ``-inf`` and
-    searched by :func:`kth_largest`; smaller ones take a plain top-k.
+    largest dot product. The search is tiled over both queries and bank: each chunk of
+    ``query_rows`` queries meets the bank ``bank_rows`` rows at a time, and keeps a running
+    ``k`` best similarities per query, merged with the :func:`top_candidates` of each tile.
+    Time is therefore linear in the bank, and the memory beyond the inputs is one
+    ``query_rows x bank_rows`` block, allocated once (a fresh block per tile costs as much in
+    page faults as the product itself), whatever the bank's size; the bank is only read.
     """
-    n = len(bank)
-    grouped = n >= k * _GROUP
-    width = -(-n // _GROUP) * _GROUP if grouped else n
-    padded = F.pad(bank, (0, 0, 0, width - n))
-    rows = chunk_rows or max(1, _CHUNK_ELEMENTS // width)
-    block = bank.new_empty(min(rows, len(queries)), width)
-    sims = []
-    for chunk in queries.split(rows):
-        s = torch.mm(chunk, padded.T, out=block[: len(chunk)])
-        s[:, n:] = float("-inf")
-        sims.append(kth_largest(s, k) if grouped else s.topk(k, dim=1).values[:, -1])
-    return (2 - 2 * torch.cat(sims).double()).clamp_min(0).sqrt()
+    tile = bank.new_empty(min(query_rows, len(queries)) * min(bank_rows, len(bank)))
+    kth = []
+    for chunk in queries.split(query_rows):
+        best = chunk.new_empty(len(chunk), 0)  # cat copies: nothing kept aliases the tile
+        for part in bank.split(bank_rows):
+            block = tile[: len(chunk) * len(part)].view(len(chunk), len(part))
+            merged = torch.cat([best, top_candidates(torch.mm(chunk, part.T, out=block), k)], 1)
+            best = merged.topk(k, dim=1, sorted=False).values if merged.shape[1] > k else merged
+        kth.append(best.amin(dim=1))
+    return (2 - 2 * torch.cat(kth).double()).clamp_min(0).sqrt()
 
 
 @dataclass
@@ -129,4 +141,7 @@ class KNN(Scorer):
 
     def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:
         self._check_fitted()
-        return -knn_distance(F.normalize(outputs.features.float(), dim=1), self.bank_, self.k)
+        return block_map(
+            lambda x: -knn_distance(F.normalize(x.float(), dim=1), self.bank_, self.k),
+            outputs.features,
+        )
