@@ -8,7 +8,7 @@ scorers (ODIN) go back to the model, batch by batch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,21 +36,59 @@ def forward_outputs(
     batch_size: int = 512,
     progress: bool = False,
 ) -> Outputs:
-    """Features and logits of ``data`` in eval mode, gathered on the CPU batch by batch."""
+    """Features and logits of ``data`` in eval mode, gathered on the CPU batch by batch.
+
+    Each batch is copied once, straight into float32 CPU tensors allocated for the whole
+    dataset at the first batch: no per-batch tensors to concatenate at the end (a second copy
+    of every output), and one copy per batch whatever the model's device and dtype.
+    """
     if len(data) == 0:
         raise UserError(f"dataset {data.name!r} is empty; nothing to evaluate")
     model.eval()
-    parts = []
-    total = -(-len(data) // batch_size)
-    for x, y in tqdm(
-        data.batches(batch_size), total=total, desc=data.name, leave=False, disable=not progress
-    ):
+    device = torch.device(device)
+    features = logits = None
+    start = 0
+    for x, _ in _batches(data, batch_size, data.name, progress):
         feats = model.features(to_device(x, device))
-        logits = model.head(feats)
-        parts.append(Outputs(feats.float().cpu(), logits.float().cpu(), y))
-    out = Outputs.concat(parts)
-    out.check_finite(data.name)
-    return out
+        out = model.head(feats)
+        if features is None:
+            features = torch.empty(len(data), feats.shape[1])
+            logits = torch.empty(len(data), out.shape[1])
+        features[start : start + len(x)].copy_(feats)
+        logits[start : start + len(x)].copy_(out)
+        start += len(x)
+    result = Outputs(features, logits, data.labels.clone())
+    result.check_finite(data.name)
+    return result
+
+
+def model_scores(
+    scorer: Scorer,
+    model: Classifier,
+    data: ImageSet,
+    device: torch.device | str = "cpu",
+    batch_size: int = 512,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Scores of a gradient scorer (``needs_model``), batch by batch, in the same
+    channels-last batches as :func:`forward_outputs`."""
+    device = torch.device(device)
+    desc = f"{scorer.name} {data.name}"
+    parts = [
+        scorer.score_batch(model, to_device(x, device))
+        for x, _ in _batches(data, batch_size, desc, progress)
+    ]
+    return torch.cat(parts)
+
+
+def _batches(
+    data: ImageSet, batch_size: int, desc: str, progress: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``data.batches(batch_size)`` behind a progress bar when ``progress``."""
+    batches = data.batches(batch_size)
+    if not progress:
+        return batches
+    return tqdm(batches, total=-(-len(data) // batch_size), desc=desc, leave=False)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -175,16 +213,7 @@ class Evaluator:
 
     def _scores(self, scorer: Scorer, key: str, data: ImageSet) -> np.ndarray:
         if scorer.needs_model:
-            parts = [
-                scorer.score_batch(self.model, x.to(self.device))
-                for x, _ in tqdm(
-                    data.batches(self.batch_size),
-                    desc=f"{scorer.name} {key}",
-                    leave=False,
-                    disable=not self.progress,
-                )
-            ]
-            s = torch.cat(parts)
+            s = model_scores(scorer, self.model, data, self.device, self.batch_size, self.progress)
         else:
             s = scorer.score(self.outputs(key, data), self.model.head)
         return s.double().cpu().numpy()

@@ -36,16 +36,6 @@ class Outputs:
     def __len__(self) -> int:
         return self.logits.shape[0]
 
-    @staticmethod
-    def concat(parts: list[Outputs]) -> Outputs:
-        if not parts:
-            raise UserError("no outputs to concatenate: the dataset is empty")
-        return Outputs(
-            torch.cat([p.features for p in parts]),
-            torch.cat([p.logits for p in parts]),
-            torch.cat([p.labels for p in parts]),
-        )
-
     def check_finite(self, what: str) -> None:
         """Refuse NaN/inf logits: every score and metric downstream would be meaningless."""
         if not torch.isfinite(self.logits).all():
