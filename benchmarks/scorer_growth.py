@@ -7,16 +7,15 @@ On synthetic 512-dim features (uniform, a fifth of them zero, as after a ReLU; t
   size: a search linear in the bank keeps this flat. The sizes run interleaved, best of
   ``--repeats``, so a busy spell of a shared machine hits them alike.
 - Peak memory of fitting Mahalanobis, ViM, ReAct and DICE, and of the k-NN score, beyond the
-  inputs: each measured in a fresh child process as its peak resident set size (getrusage)
-  minus its resident size just before the call, the inputs having been built in place so that
-  nothing before the call peaked higher. Memory does not depend on the machine's load.
+  inputs: each measured in a fresh child process as its peak resident set size during the call
+  (Linux: the high-water mark of /proc/self/status, reset through /proc/self/clear_refs just
+  before it) minus its resident size just before it. Memory does not depend on the load.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -51,9 +50,11 @@ def outputs(x: torch.Tensor, fc: nn.Linear) -> Outputs:
     return Outputs(x, logits, logits.argmax(1))
 
 
-def resident_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
+def status_bytes(field: str) -> int:
+    """A ``kB`` field of /proc/self/status (``VmRSS``, ``VmHWM``) in bytes."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(f"{field}:"))
+    return int(line.split()[1]) * 1024
 
 
 def measure_memory(case: str, rows: int, queries: int) -> dict:
@@ -72,29 +73,24 @@ def measure_memory(case: str, rows: int, queries: int) -> dict:
     else:
         train = outputs(features(rows, SEED), fc)
         run = lambda: make_scorer(name).fit(train, fc)  # noqa: E731
-    before = resident_bytes()
-    built_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets the peak resident size to the current one
+    before = status_bytes("VmRSS")
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"case": case, "rows": rows, "extra": peak - before, "build_excess": built_peak - before}
+    return {"case": case, "rows": rows, "extra": status_bytes("VmHWM") - before}
 
 
 def memory_table(rows: list[int], queries: int) -> None:
     print(f"\npeak memory beyond the inputs (MiB); features are {DIM * 4 / 1024:.0f} KiB a row")
     print("| case | " + " | ".join(f"{n:,} rows" for n in rows) + " |")
     print("|---|" + "---|" * len(rows))
-    floors = False
     for case in MEMORY_CASES:
         cells = []
         for n in rows:
             cmd = [sys.executable, __file__, "--child", case, str(n), "--queries", str(queries)]
             result = json.loads(subprocess.run(cmd, check=True, capture_output=True).stdout)
-            note = " (!)" if result["build_excess"] > 16 * MIB else ""
-            floors |= bool(note)
-            cells.append(f"{result['extra'] / MIB:.0f}{note}")
+            cells.append(f"{result['extra'] / MIB:.0f}")
         print(f"| {case} | " + " | ".join(cells) + " |")
-    if floors:
-        print("(!): building the inputs peaked over 16 MiB above them: the figure is a floor")
 
 
 def knn_timing(rows: list[int], queries: int, repeats: int) -> None:

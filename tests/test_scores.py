@@ -302,9 +302,17 @@ def test_top_candidates_keep_the_k_largest_with_ties():
     sims[0] = 1.0  # one row entirely tied
     sims[1, :7] = 9.0  # the k largest all in one group
     sims[2, -1] = 9.0  # the largest after the last group
-    found = top_candidates(sims, 7, group=8)
+    top7 = sims.topk(7, dim=1).values
+    found = top_candidates(sims, 7, torch.full((40,), float("-inf")), group=8)
     assert found.shape == (40, 7 * 8 + 5)
-    assert torch.equal(found.topk(7, dim=1).values, sims.topk(7, dim=1).values)
+    assert torch.equal(found.topk(7, dim=1).values, top7)
+    # Above a floor, fewer groups; every entry above it among the 7 largest is still there.
+    floor = torch.full((40,), 8.0)
+    found = top_candidates(sims, 7, floor, group=8)
+    assert found.shape[1] < 7 * 8 + 5
+    for row, kept in zip(top7, found, strict=True):
+        above = row[row > 8.0]
+        assert torch.equal(kept.topk(len(above)).values, above.sort(descending=True).values)
 
 
 def test_knn_grouped_search_matches_brute_force():

@@ -14,10 +14,10 @@ from unleash_ood.scores.base import Scorer, check_range
 from unleash_ood.scores.stats import block_map, class_means, shared_covariance
 
 # Query rows and bank rows of one tile of the k-NN search: a 16 MiB float32 similarity block.
-_QUERY_ROWS = 512
-_BANK_ROWS = 8192
+_QUERY_ROWS = 128
+_BANK_ROWS = 32768
 # Bank columns per group in the k-NN search's candidate selection.
-_GROUP = 64
+_GROUP = 32
 
 
 @dataclass
@@ -64,22 +64,27 @@ class Mahalanobis(Scorer):
         return block_map(closest, outputs.features)
 
 
-def top_candidates(sims: torch.Tensor, k: int, group: int = _GROUP) -> torch.Tensor:
-    """Columns of ``sims`` ``(R, W)`` that include each row's ``k`` largest entries.
+def top_candidates(
+    sims: torch.Tensor, k: int, floor: torch.Tensor, group: int = _GROUP
+) -> torch.Tensor:
+    """Columns of ``sims`` ``(R, W)`` that hold every entry among a row's ``k`` largest which is
+    larger than the row's ``floor`` ``(R,)`` (the k-th best similarity found so far).
 
     A full-width top-k is the slow part of a k-NN search, so it is run on few candidates:
-    split each row into groups of ``group`` columns; only the ``k`` groups with the largest
-    maxima can hold the row's ``k`` largest values. (An entry in any other group is at most
-    that group's maximum, which is at most each of the ``k`` larger maxima, so at least
-    ``k`` candidates are as large as it.) Columns after the last whole group are always kept;
-    rows with at most ``k`` groups come back whole. Ties cannot change the ``k`` values kept.
+    split each row into groups of ``group`` columns. Only groups whose maximum exceeds the
+    floor can hold such an entry, and of those only the ``k`` with the largest maxima (an
+    entry in any other group is at most that group's maximum, which is at most each of the
+    ``k`` larger maxima, so at least ``k`` candidates are as large as it). Every row takes its
+    ``m`` groups with the largest maxima, ``m`` the most any row of the block needs; once the
+    floor has risen after the first bank tiles, ``m`` is small. Columns after the last whole
+    group are always kept. Ties cannot change the ``k`` values kept.
     """
     rows, width = sims.shape
     groups = width // group
-    if groups <= k:
-        return sims
     grouped = sims[:, : groups * group].view(rows, groups, group)
-    top_groups = grouped.amax(dim=2).topk(k, dim=1, sorted=False).indices
+    maxima = grouped.amax(dim=2)
+    needed = min(k, int((maxima > floor[:, None]).sum(dim=1).max())) if groups else 0
+    top_groups = maxima.topk(needed, dim=1, sorted=False).indices
     picked = grouped.gather(1, top_groups[:, :, None].expand(-1, -1, group)).view(rows, -1)
     return torch.cat([picked, sims[:, groups * group :]], dim=1)
 
@@ -95,20 +100,23 @@ def knn_distance(
 
     For unit vectors ``|q - b|^2 = 2 - 2 q.b``, so the k-th nearest neighbour is the k-th
     largest dot product. The search is tiled over both queries and bank: each chunk of
-    ``query_rows`` queries meets the bank ``bank_rows`` rows at a time, and keeps a running
-    ``k`` best similarities per query, merged with the :func:`top_candidates` of each tile.
-    Time is therefore linear in the bank, and the memory beyond the inputs is one
-    ``query_rows x bank_rows`` block, allocated once (a fresh block per tile costs as much in
-    page faults as the product itself), whatever the bank's size; the bank is only read.
+    ``query_rows`` queries meets the bank ``bank_rows`` rows at a time and keeps a running
+    ``k`` best similarities per query, merged with each tile's :func:`top_candidates` above
+    the current k-th best. Time is therefore linear in the bank, and the memory beyond the
+    inputs is one ``query_rows x bank_rows`` block, allocated once (a fresh block per tile
+    costs as much in page faults as the product itself), whatever the bank's size; the bank
+    is only read. The bank must have at least ``k`` rows.
     """
     tile = bank.new_empty(min(query_rows, len(queries)) * min(bank_rows, len(bank)))
     kth = []
     for chunk in queries.split(query_rows):
-        best = chunk.new_empty(len(chunk), 0)  # cat copies: nothing kept aliases the tile
+        best = chunk.new_full((len(chunk), k), float("-inf"))
         for part in bank.split(bank_rows):
             block = tile[: len(chunk) * len(part)].view(len(chunk), len(part))
-            merged = torch.cat([best, top_candidates(torch.mm(chunk, part.T, out=block), k)], 1)
-            best = merged.topk(k, dim=1, sorted=False).values if merged.shape[1] > k else merged
+            sims = torch.mm(chunk, part.T, out=block)
+            found = top_candidates(sims, k, best.amin(dim=1))
+            if found.shape[1]:
+                best = torch.cat([best, found], dim=1).topk(k, dim=1, sorted=False).values
         kth.append(best.amin(dim=1))
     return (2 - 2 * torch.cat(kth).double()).clamp_min(0).sqrt()
 
