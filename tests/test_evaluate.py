@@ -111,3 +111,15 @@ def test_nan_logits_are_refused(model, tiny_benchmark) -> None:
 def test_unknown_split_refused(model, tiny_benchmark) -> None:
     with pytest.raises(UserError, match="unknown split"):
         evaluate(model, tiny_benchmark, "msp", splits=("train",), device="cpu", progress=False)
+
+
+def test_forward_outputs_fill_whole_dataset_buffers(model, tiny_benchmark) -> None:
+    data = tiny_benchmark.id_test
+    out = forward_outputs(model, data, batch_size=97)  # the last batch is partial
+    x, labels = data.__getitems__(range(len(data)))
+    with torch.no_grad():
+        feats = model.eval().features(x)
+    assert out.features.dtype == out.logits.dtype == torch.float32
+    assert torch.allclose(out.features, feats, atol=1e-5)
+    assert torch.allclose(out.logits, model.head(feats), atol=1e-5)
+    assert torch.equal(out.labels, labels) and out.labels.data_ptr() != data.labels.data_ptr()

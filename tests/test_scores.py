@@ -18,7 +18,7 @@ from unleash_ood.scores import (
     scorer_names,
     scorer_params,
 )
-from unleash_ood.scores.distance import knn_distance, kth_largest
+from unleash_ood.scores.distance import knn_distance, top_candidates
 
 ALL_NAMES = [
     "msp", "maxlogit", "energy", "gen", "odin", "mahalanobis", "knn", "vim", "react", "ash_s",
@@ -296,30 +296,43 @@ def test_knn_chunks_match_brute_force():
     queries = nn.functional.normalize(torch.randn(37, 8, generator=gen), dim=1)
     bank = nn.functional.normalize(torch.randn(23, 8, generator=gen), dim=1)
     brute = torch.cdist(queries.double(), bank.double()).sort(dim=1).values[:, 4]
-    assert torch.allclose(knn_distance(queries, bank, k=5, chunk_rows=4), brute, atol=1e-5)
+    tiled = knn_distance(queries, bank, k=5, query_rows=4, bank_rows=3)
+    assert torch.allclose(tiled, brute, atol=1e-5)
     assert torch.allclose(knn_distance(queries, bank, k=5), brute, atol=1e-5)
 
 
-def test_kth_largest_by_groups_is_exact_with_ties():
+def test_top_candidates_keep_the_k_largest_with_ties():
     gen = torch.Generator().manual_seed(3)
-    # Few distinct values: many ties, and groups whose maxima tie with each other.
-    sims = torch.randint(0, 6, (40, 32 * 8), generator=gen).float()
+    # Few distinct values: many ties, and groups whose maxima tie with each other; five
+    # columns after the last whole group.
+    sims = torch.randint(0, 6, (40, 32 * 8 + 5), generator=gen).float()
     sims[0] = 1.0  # one row entirely tied
     sims[1, :7] = 9.0  # the k largest all in one group
-    expected = sims.topk(7, dim=1).values[:, -1]
-    assert torch.equal(kth_largest(sims, 7, group=8), expected)
+    sims[2, -1] = 9.0  # the largest after the last group
+    top7 = sims.topk(7, dim=1).values
+    found = top_candidates(sims, 7, torch.full((40,), float("-inf")), group=8)
+    assert found.shape == (40, 7 * 8 + 5)
+    assert torch.equal(found.topk(7, dim=1).values, top7)
+    # Above a floor, fewer groups; every entry above it among the 7 largest is still there.
+    floor = torch.full((40,), 8.0)
+    found = top_candidates(sims, 7, floor, group=8)
+    assert found.shape[1] < 7 * 8 + 5
+    for row, kept in zip(top7, found, strict=True):
+        above = row[row > 8.0]
+        assert torch.equal(kept.topk(len(above)).values, above.sort(descending=True).values)
 
 
 def test_knn_grouped_search_matches_brute_force():
-    """A bank large enough for the grouped search, not a whole number of groups, with
-    duplicated rows so that neighbours tie."""
+    """Bank tiles large enough for the grouped search, not whole numbers of groups, a last
+    tile too small for it, and duplicated rows so that neighbours tie."""
     gen = torch.Generator().manual_seed(4)
     bank = nn.functional.normalize(torch.randn(700, 8, generator=gen), dim=1)
     bank = torch.cat([bank, bank[:50]])
     queries = nn.functional.normalize(torch.randn(29, 8, generator=gen), dim=1)
     brute = torch.cdist(queries.double(), bank.double()).sort(dim=1).values[:, 4]
-    for rows in (None, 6):
-        assert torch.allclose(knn_distance(queries, bank, k=5, chunk_rows=rows), brute, atol=1e-5)
+    for query_rows, bank_rows in ((512, 8192), (6, 400), (29, 100)):
+        found = knn_distance(queries, bank, 5, query_rows=query_rows, bank_rows=bank_rows)
+        assert torch.allclose(found, brute, atol=1e-5)
 
 
 def _random_model() -> tuple[LinearNet, torch.Tensor]:

@@ -15,14 +15,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from unleash_ood.data.base import Benchmark, ImageSet
 from unleash_ood.device import prepare_model, resolve_device, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.metrics import METRIC_NAMES, accuracy, ood_metrics
 from unleash_ood.models import Classifier
-from unleash_ood.outputs import Outputs
+from unleash_ood.outputs import Outputs, progress_batches
+from unleash_ood.outputs import forward_outputs as forward_outputs
 from unleash_ood.scores import Scorer, parse_scorer_list
 from unleash_ood.tune import Grid, tune_scorers, validation_view
 
@@ -32,29 +32,23 @@ SPLITS = ("val", "test")
 CHANCE = 0.5
 
 
-@torch.inference_mode()
-def forward_outputs(
+def model_scores(
+    scorer: Scorer,
     model: Classifier,
     data: ImageSet,
     device: torch.device | str = "cpu",
     batch_size: int = 512,
     progress: bool = False,
-) -> Outputs:
-    """Features and logits of ``data`` in eval mode, gathered on the CPU batch by batch."""
-    if len(data) == 0:
-        raise UserError(f"dataset {data.name!r} is empty; nothing to evaluate")
-    model.eval()
-    parts = []
-    total = -(-len(data) // batch_size)
-    for x, y in tqdm(
-        data.batches(batch_size), total=total, desc=data.name, leave=False, disable=not progress
-    ):
-        feats = model.features(to_device(x, device))
-        logits = model.head(feats)
-        parts.append(Outputs(feats.float().cpu(), logits.float().cpu(), y))
-    out = Outputs.concat(parts)
-    out.check_finite(data.name)
-    return out
+) -> torch.Tensor:
+    """Scores of a gradient scorer (``needs_model``), batch by batch, in the same
+    channels-last batches as :func:`forward_outputs`."""
+    device = torch.device(device)
+    desc = f"{scorer.name} {data.name}"
+    parts = [
+        scorer.score_batch(model, to_device(x, device))
+        for x, _ in progress_batches(data, batch_size, desc, progress)
+    ]
+    return torch.cat(parts)
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -213,17 +207,7 @@ class Evaluator:
 
     def _scores(self, scorer: Scorer, key: str, data: ImageSet) -> np.ndarray:
         if scorer.needs_model:
-            parts = [
-                scorer.score_batch(self.model, x.to(self.device))
-                for x, _ in tqdm(
-                    data.batches(self.batch_size),
-                    total=-(-len(data) // self.batch_size),
-                    desc=f"{scorer.name} {key}",
-                    leave=False,
-                    disable=not self.progress,
-                )
-            ]
-            s = torch.cat(parts)
+            s = model_scores(scorer, self.model, data, self.device, self.batch_size, self.progress)
         else:
             s = scorer.score(self.outputs(key, data), self.model.head)
         return s.double().cpu().numpy()

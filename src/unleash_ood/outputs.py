@@ -1,4 +1,5 @@
-"""What one forward pass over a dataset leaves behind: features, logits, labels.
+"""What one forward pass over a dataset leaves behind: features, logits, labels, and the pass
+itself (:func:`forward_outputs`), which training, the evaluator and the methods all use.
 
 Every post-hoc scorer that does not need input gradients can be computed from these, so the
 evaluator runs each model over each dataset once and hands the same ``Outputs`` to all scorers.
@@ -6,11 +7,16 @@ evaluator runs each model over each dataset once and hands the same ``Outputs`` 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
+from unleash_ood.data.base import ImageSet
+from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
+from unleash_ood.models.base import Classifier
 
 
 @dataclass(frozen=True)
@@ -36,16 +42,6 @@ class Outputs:
     def __len__(self) -> int:
         return self.logits.shape[0]
 
-    @staticmethod
-    def concat(parts: list[Outputs]) -> Outputs:
-        if not parts:
-            raise UserError("no outputs to concatenate: the dataset is empty")
-        return Outputs(
-            torch.cat([p.features for p in parts]),
-            torch.cat([p.logits for p in parts]),
-            torch.cat([p.labels for p in parts]),
-        )
-
     def check_finite(self, what: str) -> None:
         """Refuse NaN/inf logits: every score and metric downstream would be meaningless."""
         if not torch.isfinite(self.logits).all():
@@ -54,3 +50,47 @@ class Outputs:
                 f"{what}: the model produced NaN or infinite logits for {bad} of {len(self)} "
                 f"samples; check the checkpoint and the input normalisation"
             )
+
+
+def progress_batches(
+    data: ImageSet, batch_size: int, desc: str, progress: bool
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``data.batches(batch_size)`` behind a progress bar when ``progress``."""
+    batches = data.batches(batch_size)
+    if not progress:
+        return batches
+    return tqdm(batches, total=-(-len(data) // batch_size), desc=desc, leave=False)
+
+
+@torch.inference_mode()
+def forward_outputs(
+    model: Classifier,
+    data: ImageSet,
+    device: torch.device | str = "cpu",
+    batch_size: int = 512,
+    progress: bool = False,
+) -> Outputs:
+    """Features and logits of ``data`` in eval mode, gathered on the CPU batch by batch.
+
+    Each batch is copied once, straight into float32 CPU tensors allocated for the whole
+    dataset at the first batch: no per-batch tensors to concatenate at the end (a second copy
+    of every output), and one copy per batch whatever the model's device and dtype.
+    """
+    if len(data) == 0:
+        raise UserError(f"dataset {data.name!r} is empty; nothing to evaluate")
+    model.eval()
+    device = torch.device(device)
+    features = logits = None
+    start = 0
+    for x, _ in progress_batches(data, batch_size, data.name, progress):
+        feats = model.features(to_device(x, device))
+        out = model.head(feats)
+        if features is None:
+            features = torch.empty(len(data), feats.shape[1])
+            logits = torch.empty(len(data), out.shape[1])
+        features[start : start + len(x)].copy_(feats)
+        logits[start : start + len(x)].copy_(out)
+        start += len(x)
+    result = Outputs(features, logits, data.labels.clone())
+    result.check_finite(data.name)
+    return result

@@ -36,9 +36,9 @@ from unleash_ood.data.base import ImageSet
 from unleash_ood.data.noise import TrainingData
 from unleash_ood.device import prepare_model, to_device
 from unleash_ood.errors import UserError
-from unleash_ood.evaluate import forward_outputs
 from unleash_ood.metrics import accuracy
 from unleash_ood.models import Classifier, create_model
+from unleash_ood.outputs import forward_outputs
 from unleash_ood.rundir import append_log as append_log
 from unleash_ood.specs import SCHEDULES as SCHEDULES
 from unleash_ood.specs import Recipe as Recipe

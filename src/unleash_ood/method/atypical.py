@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from unleash_ood.data.base import ImageSet
-from unleash_ood.evaluate import forward_outputs
 from unleash_ood.method.constraint import masked_copy, per_sample_losses
+from unleash_ood.outputs import forward_outputs
 from unleash_ood.report import save_figure
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from unleash_ood.data.base import ImageSet
-from unleash_ood.evaluate import forward_outputs
+from unleash_ood.outputs import forward_outputs
 
 PRIOR_VAR = 20.0
 NOISE_VAR = 0.5

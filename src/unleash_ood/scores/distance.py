@@ -11,11 +11,13 @@ from torch import nn
 from unleash_ood.errors import UserError
 from unleash_ood.outputs import Outputs
 from unleash_ood.scores.base import Scorer, check_range
+from unleash_ood.scores.stats import block_map, class_means, shared_covariance
 
-# Similarity-matrix entries computed at once by k-NN (128 MB in float32).
-_CHUNK_ELEMENTS = 2**25
-# Bank columns per group in the k-th-largest search of k-NN.
-_GROUP = 64
+# Query rows and bank rows of one tile of the k-NN search: a 16 MiB float32 similarity block.
+_QUERY_ROWS = 128
+_BANK_ROWS = 32768
+# Bank columns per group in the k-NN search's candidate selection.
+_GROUP = 32
 
 
 @dataclass
@@ -41,64 +43,82 @@ class Mahalanobis(Scorer):
                 "mahalanobis needs the class labels of the training outputs, but some are -1 "
                 "(no class); fit it on the labelled ID training set"
             )
-        feats = train.features.double()
-        classes, index = torch.unique(train.labels, return_inverse=True)
-        sums = feats.new_zeros(len(classes), feats.shape[1]).index_add_(0, index, feats)
-        means = sums / torch.bincount(index).double()[:, None]
-        centred = feats - means[index]
-        self.precision_ = torch.linalg.pinv(centred.T @ centred / len(feats), hermitian=True)
+        classes, means = class_means(train.features, train.labels)
+        covariance = shared_covariance(train.features, train.labels, classes, means)
+        self.precision_ = torch.linalg.pinv(covariance, hermitian=True)
         self.means_ = means
         return self
 
     def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:
         self._check_fitted()
-        x, means = outputs.features.double(), self.means_
-        x_p, means_p = x @ self.precision_, means @ self.precision_
-        # (x - mu)^T P (x - mu) for every class at once, expanded to avoid an (N, C, D) tensor.
-        sq = (x_p * x).sum(1, keepdim=True) - 2 * x_p @ means.T + (means_p * means).sum(1)
-        return -sq.min(dim=1).values
+        means, precision = self.means_, self.precision_
+        means_term = ((means @ precision) * means).sum(1)
+
+        def closest(x: torch.Tensor) -> torch.Tensor:
+            # (x - mu)^T P (x - mu) for every class at once, expanded to avoid a (N, C, D) tensor.
+            x = x.double()
+            x_p = x @ precision
+            sq = (x_p * x).sum(1, keepdim=True) - 2 * x_p @ means.T + means_term
+            return -sq.min(dim=1).values
+
+        return block_map(closest, outputs.features)
 
 
-def kth_largest(sims: torch.Tensor, k: int, group: int = _GROUP) -> torch.Tensor:
-    """The ``k``-th largest entry of each row of ``sims`` ``(R, G * group)``, exactly.
+def top_candidates(
+    sims: torch.Tensor, k: int, floor: torch.Tensor, group: int = _GROUP
+) -> torch.Tensor:
+    """Columns of ``sims`` ``(R, W)`` that hold every entry among a row's ``k`` largest which is
+    larger than the row's ``floor`` ``(R,)`` (the k-th best similarity found so far).
 
     A full-width top-k is the slow part of a k-NN search, so it is run on few candidates:
-    split each row into groups of ``group`` columns; only the ``k`` groups with the largest
-    maxima can hold the row's ``k`` largest values. (An entry in any other group is at most
-    that group's maximum, which is at most each of the ``k`` larger maxima, so at least
-    ``k`` candidates are as large as it.) Ties cannot change the value found.
+    split each row into groups of ``group`` columns. Only groups whose maximum exceeds the
+    floor can hold such an entry, and of those only the ``k`` with the largest maxima (an
+    entry in any other group is at most that group's maximum, which is at most each of the
+    ``k`` larger maxima, so at least ``k`` candidates are as large as it). Every row takes its
+    ``m`` groups with the largest maxima, ``m`` the most any row of the block needs; once the
+    floor has risen after the first bank tiles, ``m`` is small. Columns after the last whole
+    group are always kept. Ties cannot change the ``k`` values kept.
     """
-    rows = sims.shape[0]
-    grouped = sims.view(rows, -1, group)
-    top_groups = grouped.amax(dim=2).topk(k, dim=1, sorted=False).indices
-    candidates = grouped.gather(1, top_groups[:, :, None].expand(-1, -1, group))
-    return candidates.view(rows, -1).topk(k, dim=1, sorted=False).values.amin(dim=1)
+    rows, width = sims.shape
+    groups = width // group
+    grouped = sims[:, : groups * group].view(rows, groups, group)
+    maxima = grouped.amax(dim=2)
+    needed = min(k, int((maxima > floor[:, None]).sum(dim=1).max())) if groups else 0
+    top_groups = maxima.topk(needed, dim=1, sorted=False).indices
+    picked = grouped.gather(1, top_groups[:, :, None].expand(-1, -1, group)).view(rows, -1)
+    return torch.cat([picked, sims[:, groups * group :]], dim=1)
 
 
 def knn_distance(
-    queries: torch.Tensor, bank: torch.Tensor, k: int, chunk_rows: int | None = None
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    query_rows: int = _QUERY_ROWS,
+    bank_rows: int = _BANK_ROWS,
 ) -> torch.Tensor:
     """Euclidean distance from each unit-norm query to its ``k``-th nearest unit-norm bank row.
 
     For unit vectors ``|q - b|^2 = 2 - 2 q.b``, so the k-th nearest neighbour is the k-th
-    largest dot product; queries go through in chunks of ``chunk_rows`` (by default as many
-    as keep the similarity block near ``_CHUNK_ELEMENTS`` entries). The block is allocated
-    once: a fresh 128 MB tensor per chunk costs as much in page faults as the product itself.
-    Banks of at least ``k`` groups are padded to whole groups with columns of ``-inf`` and
-    searched by :func:`kth_largest`; smaller ones take a plain top-k.
+    largest dot product. The search is tiled over both queries and bank: each chunk of
+    ``query_rows`` queries meets the bank ``bank_rows`` rows at a time and keeps a running
+    ``k`` best similarities per query, merged with each tile's :func:`top_candidates` above
+    the current k-th best. Time is therefore linear in the bank, and the memory beyond the
+    inputs is one ``query_rows x bank_rows`` block, allocated once (a fresh block per tile
+    costs as much in page faults as the product itself), whatever the bank's size; the bank
+    is only read. The bank must have at least ``k`` rows.
     """
-    n = len(bank)
-    grouped = n >= k * _GROUP
-    width = -(-n // _GROUP) * _GROUP if grouped else n
-    padded = F.pad(bank, (0, 0, 0, width - n))
-    rows = chunk_rows or max(1, _CHUNK_ELEMENTS // width)
-    block = bank.new_empty(min(rows, len(queries)), width)
-    sims = []
-    for chunk in queries.split(rows):
-        s = torch.mm(chunk, padded.T, out=block[: len(chunk)])
-        s[:, n:] = float("-inf")
-        sims.append(kth_largest(s, k) if grouped else s.topk(k, dim=1).values[:, -1])
-    return (2 - 2 * torch.cat(sims).double()).clamp_min(0).sqrt()
+    tile = bank.new_empty(min(query_rows, len(queries)) * min(bank_rows, len(bank)))
+    kth = []
+    for chunk in queries.split(query_rows):
+        best = chunk.new_full((len(chunk), k), float("-inf"))
+        for part in bank.split(bank_rows):
+            block = tile[: len(chunk) * len(part)].view(len(chunk), len(part))
+            sims = torch.mm(chunk, part.T, out=block)
+            found = top_candidates(sims, k, best.amin(dim=1))
+            if found.shape[1]:
+                best = torch.cat([best, found], dim=1).topk(k, dim=1, sorted=False).values
+        kth.append(best.amin(dim=1))
+    return (2 - 2 * torch.cat(kth).double()).clamp_min(0).sqrt()
 
 
 @dataclass
@@ -129,4 +149,7 @@ class KNN(Scorer):
 
     def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:
         self._check_fitted()
-        return -knn_distance(F.normalize(outputs.features.float(), dim=1), self.bank_, self.k)
+        return block_map(
+            lambda x: -knn_distance(F.normalize(x.float(), dim=1), self.bank_, self.k),
+            outputs.features,
+        )

@@ -11,6 +11,7 @@ from torch import nn
 from unleash_ood.outputs import Outputs
 from unleash_ood.scores.base import Scorer, check_range, head_params
 from unleash_ood.scores.softmax import energy
+from unleash_ood.scores.stats import column_mean, percentile
 
 
 def linear_energy(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,7 @@ class ReAct(Scorer):
         check_range(self, "percentile", 0, 100, include_low=True)
 
     def fit(self, train: Outputs, head: nn.Linear) -> ReAct:
-        self.threshold_ = float(np.percentile(train.features.numpy(), self.percentile))
+        self.threshold_ = percentile(train.features, self.percentile)
         return self
 
     def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:
@@ -117,7 +118,7 @@ class DICE(Scorer):
 
     def fit(self, train: Outputs, head: nn.Linear) -> DICE:
         weight, _ = head_params(head)
-        contribution = weight * train.features.double().mean(dim=0)
+        contribution = weight * column_mean(train.features)
         self.mask_ = contribution > float(np.percentile(contribution.numpy(), self.sparsity))
         return self
 

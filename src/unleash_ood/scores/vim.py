@@ -11,6 +11,7 @@ from unleash_ood.errors import UserError
 from unleash_ood.outputs import Outputs
 from unleash_ood.scores.base import Scorer, check_range, head_params
 from unleash_ood.scores.softmax import energy
+from unleash_ood.scores.stats import block_map, block_sum, second_moment
 
 
 def default_dim(feature_dim: int) -> int:
@@ -54,16 +55,17 @@ class ViM(Scorer):
                 f"use a smaller dim (e.g. {default_dim(d)})"
             )
         self.origin_ = -torch.linalg.pinv(weight) @ bias
-        shifted = train.features.double() - self.origin_
-        _, eigvecs = torch.linalg.eigh(shifted.T @ shifted / len(train))  # ascending eigenvalues
+        moment = second_moment(train.features, self.origin_)
+        _, eigvecs = torch.linalg.eigh(moment)  # ascending eigenvalues
         self.residual_basis_ = eigvecs[:, : d - dim]
-        max_logit = train.logits.double().max(dim=1).values.mean()
-        self.alpha_ = float(max_logit / self._residual(train.features).mean())
+        max_logit = block_sum(lambda z: z.max(dim=1).values.double().sum(), train.logits)
+        residual = block_sum(lambda x: self._residual(x).sum(), train.features)
+        self.alpha_ = float(max_logit / residual)
         return self
 
     def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:
         self._check_fitted()
-        return energy(outputs.logits) - self.alpha_ * self._residual(outputs.features)
+        return energy(outputs.logits) - self.alpha_ * block_map(self._residual, outputs.features)
 
     def _residual(self, features: torch.Tensor) -> torch.Tensor:
         return ((features.double() - self.origin_) @ self.residual_basis_).norm(dim=1)
