@@ -94,10 +94,7 @@ def broken(tmp_path_factory, tiny_checkpoint, fmnist_dir) -> dict[str, str]:
         data_dir(name, edit)
     (root / "a_file").write_text("x")
     paths["a_file"] = str(root / "a_file")
-    ro = root / "readonly"
-    ro.mkdir()
-    ro.chmod(0o500)
-    paths["readonly"] = str(ro / "out")
+    paths["under_file"] = str(root / "a_file" / "out")  # a folder that cannot be made
     run = root / "finished_eval"
     run.mkdir()
     (run / "metrics.json").write_text("{}")
@@ -125,7 +122,7 @@ CASES = [
     ("evaluate --checkpoint {ckpt} --splits train --out {out}", "unknown split 'train'"),
     ("evaluate --checkpoint {ckpt} --out {b_a_file}", "is a file"),
     ("evaluate --checkpoint {ckpt} --out {b_finished_eval}", "already holds results"),
-    ("evaluate --checkpoint {ckpt} --out {b_readonly}", "cannot write"),
+    ("evaluate --checkpoint {ckpt} --out {b_under_file}", "cannot write"),
     ("evaluate --checkpoint {ckpt} --cache {b_a_file} --out {out}", "--cache"),
     ("evaluate --checkpoint {ckpt} --scores energy:temperature=abc --out {out}", "temperature"),
     ("evaluate --checkpoint {ckpt} --scores knn:k=0 --out {out}", "k"),
@@ -147,7 +144,7 @@ CASES = [
     ("evaluate --checkpoint {ckpt} --data-dir {b_count_mismatch} --out {out}", "labels"),
     ("evaluate --checkpoint {ckpt} --data-dir {b_wrong_rank} --out {out}", "IDX"),
     ("evaluate --checkpoint {ckpt} --data-dir {b_label_too_big} --out {out}", "label"),
-    ("evaluate --checkpoint {ckpt} --data-dir {b_not_gzip} --out {out}", "damaged"),
+    ("evaluate --checkpoint {ckpt} --data-dir {b_not_gzip} --out {out}", "not an IDX file"),
     ("evaluate --checkpoint {ckpt} --data-dir {b_bad_dtype} --out {out}", "IDX"),
     ("evaluate --checkpoint {ckpt} --grid knn:k=5 --out {out}", "--grid"),
     ("evaluate --checkpoint {ckpt} --bogus-flag --out {out}", "unrecognized arguments"),
@@ -175,7 +172,7 @@ CASES = [
     ("pretrain --track --eval-batch-size 0 --out {out}", "--eval-batch-size"),
     ("pretrain --track --scores nope --out {out}", "unknown scorer"),
     ("pretrain --out {b_a_file}", "is a file"),
-    ("pretrain --out {b_readonly}", "cannot write"),
+    ("pretrain --out {b_under_file}", "cannot write"),
     ("pretrain --device cuda --out {out}", "CUDA is not available"),
     # finetune
     ("finetune --from {ckpt} --xi nan --out {out}", "--xi must be a finite number > 0"),
@@ -205,7 +202,7 @@ CASES = [
     # atypical
     ("atypical --from {missing} --out {out}", "no checkpoint at"),
     ("atypical --from {ckpt} --n-masks 0 --out {out}", "--n-masks"),
-    ("atypical --from {ckpt} --mask-fraction 0 --out {out}", "mask fraction"),
+    ("atypical --from {ckpt} --mask-fraction 0 --out {out}", "--mask-fraction"),
     ("atypical --from {ckpt} --out {b_a_file}", "is a file"),
     ("atypical --from {ckpt} --out {b_finished_eval}", "already holds results"),
     # demo, track, datasets
@@ -230,7 +227,9 @@ def expand(template: str, ckpt: Path, data: Path, out: Path, broken: dict) -> li
     plain = argv[0] in ("datasets", "nosuchcommand")
     data_flags = [] if plain or "--data-dir" in argv else ["--data-dir", str(data)]
     device = [] if plain or "--device" in argv else CPU
-    return [*argv, *data_flags, *device]
+    # progress bars go to stderr too; the one line asked of an error is the message itself
+    quiet = [] if plain else ["--no-progress"]
+    return [*argv, *data_flags, *device, *quiet]
 
 
 def test_there_are_many_cases() -> None:

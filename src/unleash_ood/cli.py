@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 
 from unleash_ood.errors import UserError
-from unleash_ood.rundir import append_log, check_out
+from unleash_ood.rundir import append_log, check_out, check_writable
 from unleash_ood.specs import (
     DEFAULT_WEIGHT,
     DETECTOR_KINDS,
@@ -41,7 +41,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--batch-size", type=int, default=512, help="evaluation batch size")
+    p.add_argument("--batch-size", type=positive_int, default=512, help="evaluation batch size")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -83,6 +83,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     check_out(out)
+    if args.cache and Path(args.cache).exists() and not Path(args.cache).is_dir():
+        raise UserError(f"--cache {args.cache} is a file; give a folder for the cached outputs")
     scorers = parse_scorer_list(args.scores)  # fail on a bad name before any heavy work
     if args.grid and not args.tune:
         raise UserError("--grid sets the search of --tune; add --tune")
@@ -164,7 +166,10 @@ def _add_track_args(p: argparse.ArgumentParser) -> None:
         help="recompute BatchNorm statistics on training data before evaluating",
     )
     p.add_argument(
-        "--eval-batch-size", type=int, default=512, help="batch size of the OOD evaluations"
+        "--eval-batch-size",
+        type=positive_int,
+        default=512,
+        help="batch size of the OOD evaluations",
     )
 
 
@@ -191,6 +196,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     from unleash_ood.device import resolve_device
     from unleash_ood.train import pretrain
 
+    check_writable(Path(args.out))
     recipe = _recipe_from(args, model=args.model, model_kwargs=_model_kwargs(args.model_arg))
     train_data = TrainingData(args.train_size, args.label_noise, recipe.seed)
     device = resolve_device(args.device)
@@ -306,6 +312,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from unleash_ood.device import resolve_device
     from unleash_ood.method.finetune import finetune
 
+    check_writable(Path(args.out))
     start = read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
     spec = FinetuneSpec(
         method=args.method,
@@ -315,7 +322,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         n_masks=args.n_masks,
         mask_fraction=args.mask_fraction,
         xi_reduction=args.xi_reduction,
-        xi_grid=tuple(float(v) for v in args.xi_grid.split(",")),
+        xi_grid=args.xi_grid,
         outliers=_outlier_spec(args),
     )
     recipe_name = args.recipe or default_recipe_name(spec.outliers is not None)
@@ -481,6 +488,44 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line that says where help is (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def number_list(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated numbers."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        msg = f"expected numbers separated by commas, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows each flag's default, except where there is none to show (None, off, empty)."""
 
@@ -595,7 +640,7 @@ def _add_detector_commands(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="unleash",
         description="OOD detection for image classifiers (Unleashing Mask).",
         formatter_class=_HelpFormatter,
@@ -692,6 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--xi-grid",
+        type=number_list,
         default=",".join(map(str, d.xi_grid)),
         help="multiples of the estimate tried by --xi validate",
     )
@@ -726,9 +772,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="checkpoint to analyse (a path, or a shipped model's name such as fmnist_cnn)",
     )
     p.add_argument("--out", required=True, help="folder for atypical.csv and atypical.png")
-    p.add_argument("--n-masks", type=int, default=5, help="random masks averaged")
+    p.add_argument("--n-masks", type=positive_int, default=5, help="random masks averaged")
     p.add_argument(
-        "--mask-fraction", type=float, default=0.035, help="fraction of weights zeroed per layer"
+        "--mask-fraction", type=fraction, default=0.035, help="fraction of weights zeroed per layer"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")

@@ -18,15 +18,20 @@ RESULT_FILES = ("config.json", "metrics.json", "atypical.csv", "demo.json")
 
 
 def check_out(out: Path) -> None:
-    """Refuse ``out`` unless it is absent or an empty (or result-free) folder we can write."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder (it is created if absent)")
+    """Refuse ``out`` unless it is absent or a result-free folder we can write."""
+    check_writable(out)
     held = [f for f in RESULT_FILES if (out / f).exists()]
     if held:
         raise UserError(
             f"--out {out} already holds results ({held[0]}); choose another folder, or "
             f"remove it to redo the run"
         )
+
+
+def check_writable(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or that cannot be made or written."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; give a folder (it is created if absent)")
     parent = out
     while not parent.exists():
         parent = parent.parent

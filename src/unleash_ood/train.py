@@ -151,11 +151,18 @@ def load_train_state(
     return {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
 
 
+def check_resumable(out: Path) -> None:
+    """Refuse ``--resume`` of a folder that holds no checkpoint to continue from."""
+    if not (out / "checkpoints" / "last.json").exists():
+        raise UserError(f"{out} holds no run to resume; drop --resume to start it afresh")
+
+
 def resume_run(
     out: Path, recipe: Recipe, model: nn.Module, opt: torch.optim.Optimizer
 ) -> tuple[int, dict[str, torch.Tensor]]:
     """Load ``out/checkpoints/last`` and its optimizer state into ``model`` and ``opt``, once
     its recipe is checked to be ``recipe``; returns its epoch and the objective's state."""
+    check_resumable(out)
     ckpt_dir = out / "checkpoints"
     meta = read_sidecar(ckpt_dir / "last")
     if meta.get("recipe") != asdict(recipe):
@@ -356,6 +363,8 @@ def pretrain(
     """Train ``recipe.model`` from scratch on ``benchmark``'s ID training split, or on the
     subset / noisy labels ``train_data`` describes (recorded in every checkpoint, so fine-tunes
     of the model train on the same data; flipped indices in ``out/label_noise.json``)."""
+    if resume:
+        check_resumable(out)
     train_data = train_data or TrainingData()
     train_set, flipped = train_data.apply(benchmark.id_train)
     torch.manual_seed(recipe.seed)

@@ -122,7 +122,10 @@ def data_roots(data_dir: str | os.PathLike | None = None) -> list[Path]:
     """Folders searched for datasets, in order: the flag, ``$UNLEASH_DATA``, system locations."""
     roots: list[Path] = []
     if data_dir:
-        roots.append(Path(data_dir).expanduser())
+        folder = Path(data_dir).expanduser()
+        if not folder.is_dir():
+            raise UserError(f"--data-dir {data_dir} does not exist (or is not a folder)")
+        roots.append(folder)
     if os.environ.get("UNLEASH_DATA"):
         roots.append(Path(os.environ["UNLEASH_DATA"]).expanduser())
     return [*roots, *SYSTEM_DATA_ROOTS]

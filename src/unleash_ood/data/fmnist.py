@@ -23,7 +23,7 @@ from unleash_ood.data.base import (
     missing_data_error,
     stratified_holdout,
 )
-from unleash_ood.data.formats import find_idx, read_idx
+from unleash_ood.data.formats import find_idx, read_idx_pair
 from unleash_ood.data.registry import DatasetInfo, SuiteInfo, register_dataset, register_suite
 
 CANDIDATES = ("fashion-mnist", "FashionMNIST/raw", "fashion_mnist", "FashionMNIST")
@@ -44,6 +44,7 @@ CLASSES = (
     "Ankle boot",
 )
 MEAN, STD = (0.2860,), (0.3530,)
+NUM_CLASSES = 10
 VAL_FRACTION = 1 / 12  # 5,000 of the 60,000 training images
 SPLIT_SEED = 0
 HOW_TO_GET = (
@@ -83,9 +84,10 @@ def _download() -> Path | None:
 
 def load_split(folder: Path, split: str) -> ImageSet:
     images_file, labels_file = (find_idx(folder, s) for s in FILES[split])
-    images = torch.from_numpy(read_idx(images_file).copy())[:, None]
-    labels = torch.from_numpy(read_idx(labels_file).astype("int64"))
-    return ImageSet(f"fmnist-{split}", images, labels)
+    images, labels = read_idx_pair(images_file, labels_file, NUM_CLASSES)
+    return ImageSet(
+        f"fmnist-{split}", torch.from_numpy(images.copy())[:, None], torch.from_numpy(labels)
+    )
 
 
 def _ood(sets: dict[str, bundled.BundledSet]) -> dict[str, ImageSet]:
@@ -100,7 +102,7 @@ def load(roots: Sequence[Path]) -> Benchmark:
     kept, held = stratified_holdout(train.labels, round(len(train) * VAL_FRACTION), SPLIT_SEED)
     return Benchmark(
         name="fmnist",
-        num_classes=10,
+        num_classes=NUM_CLASSES,
         mean=MEAN,
         std=STD,
         id_train=train.subset(kept, "fmnist-train"),

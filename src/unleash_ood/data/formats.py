@@ -19,6 +19,7 @@ import os
 import pickle
 import re
 import warnings
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -243,8 +244,11 @@ def read_idx(path: Path) -> np.ndarray:
     big-endian uint32. The payload length is checked against the shape, so a truncated
     download fails here rather than as a reshape error later.
     """
-    with _open_maybe_gzip(path) as f:
-        raw = f.read()
+    try:
+        with _open_maybe_gzip(path) as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:
+        raise UserError(f"{path} is damaged ({e}); download it again") from e
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] not in IDX_DTYPES:
         raise UserError(f"{path}: not an IDX file (bad magic number); download it again")
     ndim = raw[3]
@@ -255,6 +259,35 @@ def read_idx(path: Path) -> np.ndarray:
         raise UserError(f"{path}: IDX payload does not match its shape {shape}; download it again")
     array = np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
     return array.astype(dtype.newbyteorder("="), copy=False)
+
+
+def read_idx_pair(
+    images_file: Path, labels_file: Path, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, H, W)`` uint8 and labels ``(N,)`` int64 from an IDX pair, checked to agree:
+    a damaged or mismatched download fails here, with the file named, not mid-epoch."""
+    images, labels = read_idx(images_file), read_idx(labels_file)
+    if images.ndim != 3 or images.dtype != np.uint8:
+        raise UserError(
+            f"{images_file}: expected IDX images of shape (N, H, W) and type uint8, got "
+            f"{images.dtype} {images.shape}; download it again"
+        )
+    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+        raise UserError(
+            f"{labels_file}: expected IDX labels of shape (N,) and an integer type, got "
+            f"{labels.dtype} {labels.shape}; download it again"
+        )
+    if len(images) != len(labels):
+        raise UserError(
+            f"{images_file.name} holds {len(images):,} images but {labels_file.name} "
+            f"{len(labels):,} labels; download the pair again"
+        )
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise UserError(
+            f"{labels_file}: a label is outside 0..{num_classes - 1} ({int(labels.max())}); "
+            f"download it again"
+        )
+    return images, labels.astype(np.int64)
 
 
 def find_idx(folder: Path, stem: str) -> Path | None:

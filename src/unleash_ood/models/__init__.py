@@ -116,9 +116,19 @@ def create_model(
         )
     mean = _channel_stats("mean", mean, in_channels, (0.5,) * in_channels)
     std = _channel_stats("std", std, in_channels, (0.5,) * in_channels)
-    return spec.build(
-        num_classes=num_classes, in_channels=in_channels, mean=mean, std=std, **spec.fixed, **kwargs
-    )
+    try:
+        return spec.build(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            mean=mean,
+            std=std,
+            **spec.fixed,
+            **kwargs,
+        )
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise UserError(
+            f"model {name!r} cannot be built with options {kwargs} ({e}); check the values"
+        ) from e
 
 
 def _channel_stats(
