@@ -45,7 +45,7 @@ def append_log(out: Path, text: str, echo: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "log.txt", "a") as f:
         f.write(text.rstrip("\n") + "\n")
-    if echo:
+    if echo:  # above any progress bar, which tqdm.write keeps intact
         from tqdm.auto import tqdm  # only where training prints: keeps this module light
 
         tqdm.write(text)

@@ -332,7 +332,7 @@ class Trainer:
             f"train acc {100 * s.train_acc:.2f}  val acc {100 * s.val_acc:.2f}  "
             f"{s.seconds:.1f}s"
         )
-        append_log(self.out, line, self.progress)
+        append_log(self.out, line, echo=True)  # --no-progress hides bars, not these lines
 
 
 def replay_saves(

@@ -240,7 +240,7 @@ class DetectorTrainer:
             f"epoch {s.epoch:3d}  lr {s.lr:.2e}  train loss {s.train_loss:.3f}  {parts}  "
             f"val loss {s.val_loss:.3f}  {s.seconds:.1f}s"
         )
-        append_log(self.out, line, self.progress)
+        append_log(self.out, line, echo=True)  # --no-progress hides bars, not these lines
 
 
 def detector_recipe(kind: str, **overrides: Any) -> DetectorRecipe:
