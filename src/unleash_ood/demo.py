@@ -1,9 +1,10 @@
 """``unleash demo``: the method on the embedded benchmark, from the shipped models.
 
 By default the demo evaluates the shipped well-trained CNN beside its CE-control, UM and UMAP
-fine-tunes, which ship as weights made with the paper's recipe (each row names the recipe its
-model was made with, read from the model's sidecar), then runs one short live UM fine-tune on
-a subset to show the mechanics: the objective held at xi while the plain cross-entropy rises.
+fine-tunes, which ship as weights (each row names the recipe its model was made with, read from
+the model's sidecar; ``benchmarks/ship_finetunes.py`` puts a set of fine-tunes in place), then
+runs one short live UM fine-tune on a subset to show the mechanics: the objective held at xi
+while the plain cross-entropy under it rises.
 ``--train`` remakes the three fine-tunes instead (xi estimated afresh; hours on a CPU), and
 ``--quick`` does so with the 3-epoch ``quick`` recipe on 10,000 images: a demonstration of the
 mechanics whose numbers are not the method's result.
