@@ -11,7 +11,12 @@ from torch import nn
 from unleash_ood.errors import UserError
 from unleash_ood.outputs import Outputs
 from unleash_ood.scores.base import Scorer, check_range
-from unleash_ood.scores.stats import block_map, class_means, shared_covariance
+from unleash_ood.scores.stats import (
+    block_map,
+    class_means,
+    shared_covariance,
+    squared_mahalanobis,
+)
 
 # Query rows and bank rows of one tile of the k-NN search: a 16 MiB float32 similarity block.
 _QUERY_ROWS = 128
@@ -51,14 +56,9 @@ class Mahalanobis(Scorer):
 
     def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:
         self._check_fitted()
-        means, precision = self.means_, self.precision_
-        means_term = ((means @ precision) * means).sum(1)
 
         def closest(x: torch.Tensor) -> torch.Tensor:
-            # (x - mu)^T P (x - mu) for every class at once, expanded to avoid a (N, C, D) tensor.
-            x = x.double()
-            x_p = x @ precision
-            sq = (x_p * x).sum(1, keepdim=True) - 2 * x_p @ means.T + means_term
+            sq = squared_mahalanobis(x.double(), self.means_, self.precision_)
             return -sq.min(dim=1).values
 
         return block_map(closest, outputs.features)

@@ -8,18 +8,15 @@ import torch
 from torch import nn
 
 from unleash_ood.outputs import Outputs
-from unleash_ood.scores.base import Scorer, class_means, require_labels
-
-
-def precision(centred: torch.Tensor) -> torch.Tensor:
-    """Pseudo-inverse of the maximum-likelihood covariance of already centred rows, float64."""
-    return torch.linalg.pinv(centred.T @ centred / len(centred), hermitian=True)
-
-
-def squared_mahalanobis(x: torch.Tensor, means: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
-    """``(x - mu_k)^T P (x - mu_k)`` for every row of ``x`` ``(N, D)`` and mean ``(K, D)``."""
-    x_p = x @ prec
-    return (x_p * x).sum(1, keepdim=True) - 2 * x_p @ means.T + ((means @ prec) * means).sum(1)
+from unleash_ood.scores.base import Scorer, require_labels
+from unleash_ood.scores.stats import (
+    block_map,
+    class_means,
+    column_mean,
+    second_moment,
+    shared_covariance,
+    squared_mahalanobis,
+)
 
 
 @dataclass
@@ -45,17 +42,24 @@ class RMDS(Scorer):
     global_precision_: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def fit(self, train: Outputs, head: nn.Linear) -> RMDS:
+        # Statistics accumulated over row blocks (scores/stats.py): memory beyond the
+        # features is O(D^2), whatever the number of training rows.
         require_labels(self, train)
-        feats = train.features.double()
-        self.means_ = class_means(feats, train.labels, head.out_features)
-        self.precision_ = precision(feats - self.means_[train.labels])
-        self.global_mean_ = feats.mean(dim=0, keepdim=True)
-        self.global_precision_ = precision(feats - self.global_mean_)
+        classes, self.means_ = class_means(train.features, train.labels)
+        covariance = shared_covariance(train.features, train.labels, classes, self.means_)
+        self.precision_ = torch.linalg.pinv(covariance, hermitian=True)
+        self.global_mean_ = column_mean(train.features)[None]
+        background = second_moment(train.features, self.global_mean_)
+        self.global_precision_ = torch.linalg.pinv(background, hermitian=True)
         return self
 
     def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:
         self._check_fitted()
-        x = outputs.features.double()
-        per_class = squared_mahalanobis(x, self.means_, self.precision_)
-        background = squared_mahalanobis(x, self.global_mean_, self.global_precision_)
-        return -(per_class - background).min(dim=1).values
+
+        def relative(x: torch.Tensor) -> torch.Tensor:
+            x = x.double()
+            per_class = squared_mahalanobis(x, self.means_, self.precision_)
+            background = squared_mahalanobis(x, self.global_mean_, self.global_precision_)
+            return -(per_class - background).min(dim=1).values
+
+        return block_map(relative, outputs.features)

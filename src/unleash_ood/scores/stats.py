@@ -81,6 +81,13 @@ def second_moment(features: torch.Tensor, origin: torch.Tensor) -> torch.Tensor:
     return block_sum(scatter, features) / len(features)
 
 
+def squared_mahalanobis(x: torch.Tensor, means: torch.Tensor, prec: torch.Tensor) -> torch.Tensor:
+    """``(x - mu_k)^T P (x - mu_k)`` for every row of ``x`` ``(N, D)`` and mean ``(K, D)``,
+    expanded so that no ``(N, K, D)`` tensor is made."""
+    x_p = x @ prec
+    return (x_p * x).sum(1, keepdim=True) - 2 * x_p @ means.T + ((means @ prec) * means).sum(1)
+
+
 def column_mean(features: torch.Tensor) -> torch.Tensor:
     """The float64 mean of each column ``(D,)``."""
     return block_sum(lambda x: x.double().sum(0), features) / len(features)
