@@ -81,7 +81,19 @@ def test_metrics_match_direct_computation(model, tiny_benchmark) -> None:
 
 
 def test_gradient_scorer_runs_through_model(model, tiny_benchmark) -> None:
+    """ODIN through the evaluator equals the paper's recipe computed by hand on the ID test
+    images: a signed-gradient step of size eps on the input that raises the max softmax at
+    temperature T, then the max softmax at T of the perturbed input."""
     ev = evaluate(model, tiny_benchmark, "odin", device="cpu", progress=False)
+    t, eps = 1000.0, 0.0014
+    x, _ = tiny_benchmark.id_test.__getitems__(range(len(tiny_benchmark.id_test)))
+    x.requires_grad_(True)
+    log_probs = torch.log_softmax(model(x) / t, dim=1)
+    (grad,) = torch.autograd.grad(log_probs.max(dim=1).values.sum(), x)
+    with torch.no_grad():
+        want = torch.softmax(model(x + eps * grad.sign()).double() / t, dim=1).max(dim=1).values
+    got = torch.as_tensor(ev.scores["test"]["odin"]["id"])
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-9)
     assert 0.0 <= ev.row("odin")["auroc"] <= 1.0
 
 

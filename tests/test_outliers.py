@@ -31,6 +31,7 @@ from unleash_ood.method.outliers import (
 )
 from unleash_ood.method.poem import PoemSelector, posterior, thompson_sample
 from unleash_ood.models import create_model
+from unleash_ood.outputs import forward_outputs
 
 
 def test_oe_loss_by_hand() -> None:
@@ -144,6 +145,11 @@ def test_poem_keeps_the_outliers_nearest_the_sampled_boundary(tiny_benchmark) ->
     selector = PoemSelector(keep=0.25, seed=0)
     chosen = selector.select(model, aux, tiny_benchmark.id_train, epoch=0)
     assert len(chosen) == 50 and torch.equal(chosen, chosen.unique())
+    # the kept outliers are the 50 nearest the sampled boundary |beta . z|
+    distance = (forward_outputs(model, aux).features.double() @ selector.boundary).abs()
+    kept = torch.zeros(len(aux), dtype=torch.bool)
+    kept[chosen] = True
+    assert distance[kept].max() <= distance[~kept].min()
     again = PoemSelector(keep=0.25, seed=0).select(model, aux, tiny_benchmark.id_train, 0)
     assert torch.equal(chosen, again)
     # Refit with the selected outliers in the buffer: the next epoch's choice is its own.

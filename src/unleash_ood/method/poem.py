@@ -51,6 +51,7 @@ class PoemSelector:
     def __init__(self, keep: float, seed: int):
         self.keep, self.seed = keep, seed
         self.history: list[torch.Tensor] = []
+        self.boundary: torch.Tensor | None = None  # the last sampled weights, for inspection
 
     def select(
         self, model: nn.Module, aux: ImageSet, id_train: ImageSet, epoch: int
@@ -66,7 +67,7 @@ class PoemSelector:
         z_out = z_aux[torch.cat(recent)]
         z = torch.cat([z_id, z_out])
         y = torch.cat([torch.full((len(z_id),), -CONF), torch.full((len(z_out),), CONF)])
-        beta = thompson_sample(*posterior(z, y), g)
+        beta = self.boundary = thompson_sample(*posterior(z, y), g)
         distance = (z_aux.double() @ beta).abs()
         chosen = torch.sort(torch.topk(distance, n_keep, largest=False).indices).values
         self.history.append(chosen)
