@@ -168,21 +168,21 @@ def check_sidecar(meta: Any, sidecar: Path) -> None:
             f"{sidecar} is not an unleash-ood checkpoint sidecar "
             f"(format {meta.get('format')!r}, expected {FORMAT!r})"
         )
-    problems = [
-        key
-        for key, ok in (
-            ("architecture", isinstance(meta.get("architecture"), str)),
-            ("model_kwargs", isinstance(meta.get("model_kwargs", {}), dict)),
+    checks = [
+        ("architecture", isinstance(meta.get("architecture"), str)),
+        ("model_kwargs", isinstance(meta.get("model_kwargs", {}), dict)),
+        ("in_channels", _positive_int(meta.get("in_channels"))),
+        ("input_size", _positive_int(meta.get("input_size"))),
+    ]
+    if not meta.get("detector"):  # a classifier's: generative detectors have no classes
+        checks += [
             ("num_classes", _positive_int(meta.get("num_classes"))),
-            ("in_channels", _positive_int(meta.get("in_channels"))),
-            ("input_size", _positive_int(meta.get("input_size"))),
             ("mean", _numbers(meta.get("mean"), meta.get("in_channels"))),
             ("std", _numbers(meta.get("std"), meta.get("in_channels"))),
             ("umap", isinstance(meta.get("umap", {}), dict | type(None))),
-        )
-        if not ok
-    ]
-    if not problems and any(x <= 0 for x in meta["std"]):
+        ]
+    problems = [key for key, ok in checks if not ok]
+    if not problems and any(x <= 0 for x in meta.get("std", ())):
         problems.append("std")
     if problems:
         raise UserError(
@@ -227,6 +227,11 @@ def load_checkpoint(
     """
     meta = read_sidecar(path)
     weights, _ = checkpoint_paths(path)
+    if meta.get("detector"):
+        raise UserError(
+            f"{path} is a generative detector, not a classifier; evaluate it with "
+            f"'unleash detector evaluate --from {path}'"
+        )
     if num_classes is not None and meta["num_classes"] != num_classes:
         raise UserError(
             f"{weights.name} predicts {meta['num_classes']} classes but the data has "
