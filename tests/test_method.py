@@ -159,6 +159,7 @@ def test_demo_trains_then_shows_shipped_finetunes(
     assert set(result["evaluations"]) == {"base", "ce", "um", "umap"}
     assert result["train_images"] == 600 and (trained / "config.json").exists()
     assert (trained / "comparison.png").exists() and (trained / "umap" / "sparsity.json").exists()
+    assert all((trained / m / "config.json").exists() for m in ("ce", "um", "umap"))
     assert main(["demo", "--out", str(trained), *COMMON]) == 2  # never overwrites a demo
 
     shipped.update({m: trained / m / "checkpoints" / "final" for m in ("ce", "um", "umap")})

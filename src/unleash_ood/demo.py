@@ -160,6 +160,18 @@ def trained_finetunes(
     for method in METHODS:
         r = finetune_recipe(method, plan.recipe)
         log(f"fine-tuning with {method}: {plan.recipe} recipe, {r.epochs} epochs, lr {r.lr} ...")
+        xi = None if method == "ce" else est.xi
+        (out / method).mkdir(parents=True, exist_ok=True)
+        atomic_write_json(
+            out / method / "config.json",
+            {
+                "command": f"demo --train ({method})",
+                "recipe_name": plan.recipe,
+                "recipe": asdict(r),
+                "xi": xi,
+                "train_size": len(bench.id_train),
+            },
+        )
         finals[method] = run_finetune(
             bench,
             start,
@@ -167,7 +179,7 @@ def trained_finetunes(
             r,
             out / method,
             device,
-            None if method == "ce" else est.xi,
+            xi,
             progress=progress,
             extra={"recipe_name": plan.recipe},
         )
