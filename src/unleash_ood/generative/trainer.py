@@ -53,8 +53,8 @@ class DetectorRecipe(Recipe):
     beta2: float = 0.999
     grad_clip: float = 0.0
 
-    def check(self) -> None:
-        super().check()
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.model not in MODELS:
             raise UserError(f"unknown detector kind {self.model!r}; choose {', '.join(MODELS)}")
         if self.nesterov:
@@ -157,7 +157,6 @@ class DetectorTrainer:
         benchmark: str,
         progress: bool = True,
     ):
-        recipe.check()
         if len(train) < recipe.batch_size:
             raise UserError(
                 f"the training set ({len(train)}) is smaller than one batch "
@@ -247,9 +246,7 @@ def detector_recipe(kind: str, **overrides: Any) -> DetectorRecipe:
     """``kind``'s default recipe with ``overrides`` (None values ignored) on top."""
     if kind not in DEFAULT_RECIPES:
         raise UserError(f"unknown detector kind {kind!r}; choose {', '.join(DEFAULT_RECIPES)}")
-    recipe = replace(DEFAULT_RECIPES[kind], **{k: v for k, v in overrides.items() if v is not None})
-    recipe.check()
-    return recipe
+    return replace(DEFAULT_RECIPES[kind], **{k: v for k, v in overrides.items() if v is not None})
 
 
 def train_detector(
@@ -262,7 +259,6 @@ def train_detector(
 ) -> list[DetectorEpoch]:
     """Train ``recipe.model`` from scratch on ``benchmark``'s ID training split (labels
     unused), checkpointing into ``out``; ``resume`` continues the run in ``out``."""
-    recipe.check()
     if not resume and (out / "checkpoints").exists():
         raise UserError(
             f"{out} already holds a training run; pass --resume to continue it "
