@@ -129,6 +129,15 @@ def save_checkpoint(
     return weights
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (which runs no code), or a one-line error when the
+    file is missing, truncated or not safetensors at all."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from e
+
+
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of checkpoint ``path``, checked against the schema (it is untrusted input)."""
     weights, sidecar = checkpoint_paths(path)
@@ -244,10 +253,7 @@ def load_checkpoint(
             f"{'x'.join(map(str, input_shape))}; use a checkpoint for this benchmark"
         )
     model = build_model(meta)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{weights} is not a readable safetensors file ({e})") from e
+    state = read_tensors(weights)
     missing, unexpected = (
         sorted(set(model.state_dict()) - set(state)),
         sorted(set(state) - set(model.state_dict())),

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from unleash_ood.errors import UserError
-from unleash_ood.rundir import append_log, check_out, check_writable
+from unleash_ood.rundir import append_log, check_out, check_writable, holds_files, out_lock
 from unleash_ood.specs import (
     DEFAULT_WEIGHT,
     DETECTOR_KINDS,
@@ -418,7 +420,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from unleash_ood.device import resolve_device
 
     out = Path(args.out or time.strftime("unleash-demo-%Y%m%d-%H%M%S"))
-    if out.exists() and any(out.iterdir()):
+    if holds_files(out):
         raise UserError(f"{out} is not empty; choose another --out")
     if args.quick and args.train:
         raise UserError("--quick already retrains (with the quick recipe); pass one of the two")
@@ -816,16 +818,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with _run_folder_lock(args):
+            args.func(args)
     except UserError as e:
         print(f"unleash {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"unleash {args.command}: interrupted", file=sys.stderr)
+        hint = "; rerun it with --resume to continue from the last saved epoch"
+        hint = hint if _resumable(args) else ""
+        print(f"unleash {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     finally:
         _leave_process_group()
     return 0
+
+
+def _run_folder_lock(args: argparse.Namespace) -> AbstractContextManager:
+    """The lock on ``--out`` for commands that write one; under torchrun rank 0 holds it."""
+    out = getattr(args, "out", None)
+    if out is None or os.environ.get("RANK", "0") != "0":
+        return nullcontext()
+    return out_lock(Path(out))
+
+
+def _resumable(args: argparse.Namespace) -> bool:
+    """Whether the interrupted command saves epochs that ``--resume`` continues from."""
+    return hasattr(args, "resume") and getattr(args, "out", None) is not None
 
 
 def _leave_process_group() -> None:

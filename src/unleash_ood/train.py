@@ -10,6 +10,7 @@ buffers, epoch; the schedule is a function of the epoch) reproduces an uninterru
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -19,17 +20,20 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from unleash_ood.augment import augment
 from unleash_ood.checkpoint import (
+    atomic_write_bytes,
     atomic_write_json,
+    checkpoint_paths,
     epoch_checkpoints,
     load_checkpoint,
     model_spec,
     read_sidecar,
+    read_tensors,
     save_checkpoint,
 )
 from unleash_ood.data.base import ImageSet
@@ -90,6 +94,13 @@ def global_batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[torc
         yield perm[start : start + batch_size]
 
 
+def _epoch_path(ckpt_dir: Path, epoch: int) -> Path:
+    return ckpt_dir / f"epoch_{epoch:03d}"
+
+
+STATE_FILE = re.compile(r"train_state_(\d+)\.safetensors")
+
+
 def _state_path(ckpt_dir: Path, epoch: int) -> Path:
     return ckpt_dir / f"train_state_{epoch:03d}.safetensors"
 
@@ -103,7 +114,7 @@ def _optimizer_key(key: str, name: str) -> str:
     return f"momentum/{name}" if key == "momentum_buffer" else f"optimizer/{key}/{name}"
 
 
-def save_train_state(
+def _write_train_state(
     ckpt_dir: Path,
     epoch: int,
     model: nn.Module,
@@ -111,8 +122,7 @@ def save_train_state(
     objective_state: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """The optimizer's per-parameter tensors (SGD momentum buffers; Adam's moments and step)
-    by parameter name and the objective's own state (e.g. POEM's outlier buffer), for
-    ``--resume``; older states are removed."""
+    by parameter name and the objective's own state (e.g. POEM's outlier buffer)."""
     names = {p: n for n, p in model.named_parameters()}
     tensors = {
         _optimizer_key(key, names[p]): t.detach().cpu().contiguous()
@@ -126,22 +136,39 @@ def save_train_state(
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
     os.replace(tmp, path)
+
+
+def save_epoch(
+    ckpt_dir: Path,
+    epoch: int,
+    model: Classifier,
+    spec: dict[str, Any],
+    opt: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    objective_state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Save epoch ``epoch`` so that a crash at any point leaves a run ``--resume`` continues.
+
+    Every file is replaced atomically, in this order: ``epoch_k`` (weights, then sidecar), the
+    train state of ``k``, ``last`` (a convenience copy), and only then the older train states
+    are removed. Resuming reads the newest epoch whose checkpoint and train state are both
+    complete (:func:`resume_point`), never ``last``, so a crash between any two writes falls
+    back to epoch ``k - 1`` or continues from ``k``.
+    """
+    save_checkpoint(_epoch_path(ckpt_dir, epoch), model, spec, **meta)
+    _write_train_state(ckpt_dir, epoch, model, opt, objective_state)
+    save_checkpoint(ckpt_dir / "last", model, spec, **meta)
     for old in ckpt_dir.glob("train_state_*.safetensors"):
-        if old != path:
+        if old != _state_path(ckpt_dir, epoch):
             old.unlink(missing_ok=True)
 
 
-def load_train_state(
+def _load_train_state(
     ckpt_dir: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer
 ) -> dict[str, torch.Tensor]:
     """Restore the optimizer's per-parameter tensors; returns the objective's saved state.
     Adam's ``step`` counts stay on the CPU, where the optimizer keeps them."""
-    path = _state_path(ckpt_dir, epoch)
-    if not path.exists():
-        raise UserError(
-            f"cannot resume: {path.name} is missing from {ckpt_dir}; start afresh without --resume"
-        )
-    tensors = load_file(str(path))
+    tensors = read_tensors(_state_path(ckpt_dir, epoch))
     for name, p in model.named_parameters():
         for key in ("momentum_buffer", *_ADAM_STATE):
             t = tensors.get(_optimizer_key(key, name))
@@ -151,28 +178,55 @@ def load_train_state(
     return {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
 
 
+def resume_point(out: Path) -> int | None:
+    """The newest epoch of the run in ``out`` whose checkpoint (weights and sidecar) and train
+    state all exist, or None when no epoch was saved completely."""
+    ckpt_dir = out / "checkpoints"
+    states = (STATE_FILE.fullmatch(p.name) for p in ckpt_dir.glob("train_state_*"))
+    saved = (int(m[1]) for m in states if m)
+    complete = [
+        e for e in saved if all(p.is_file() for p in checkpoint_paths(_epoch_path(ckpt_dir, e)))
+    ]
+    return max(complete, default=None)
+
+
 def check_resumable(out: Path) -> None:
     """Refuse ``--resume`` of a folder that holds no checkpoint to continue from."""
-    if not (out / "checkpoints" / "last.json").exists():
+    if resume_point(out) is None:
         raise UserError(f"{out} holds no run to resume; drop --resume to start it afresh")
+
+
+def check_fresh(out: Path) -> None:
+    """Refuse to start afresh over a run that ``--resume`` could continue. A folder whose
+    first save never completed holds nothing to lose and is written over."""
+    if resume_point(out) is not None:
+        raise UserError(
+            f"{out} already holds a training run; pass --resume to continue it "
+            f"or choose another --out"
+        )
 
 
 def resume_run(
     out: Path, recipe: Recipe, model: nn.Module, opt: torch.optim.Optimizer
 ) -> tuple[int, dict[str, torch.Tensor]]:
-    """Load ``out/checkpoints/last`` and its optimizer state into ``model`` and ``opt``, once
-    its recipe is checked to be ``recipe``; returns its epoch and the objective's state."""
-    check_resumable(out)
+    """Load the newest complete epoch of ``out`` and its optimizer state into ``model`` and
+    ``opt``, once its recipe is checked to be ``recipe``; returns its epoch and the
+    objective's state. ``last`` is rewritten from that epoch, in case a crash tore it."""
+    epoch = resume_point(out)
+    if epoch is None:
+        raise UserError(f"{out} holds no run to resume; drop --resume to start it afresh")
     ckpt_dir = out / "checkpoints"
-    meta = read_sidecar(ckpt_dir / "last")
+    saved = _epoch_path(ckpt_dir, epoch)
+    meta = read_sidecar(saved)
     if meta.get("recipe") != asdict(recipe):
         raise UserError(
             f"cannot resume {out}: its recipe differs from the flags given; "
             f"rerun with the same flags"
         )
-    model.load_state_dict(load_file(str(ckpt_dir / "last.safetensors")))
-    epoch = meta["epoch"]
-    return epoch, load_train_state(ckpt_dir, epoch, model, opt)
+    model.load_state_dict(read_tensors(checkpoint_paths(saved)[0]))
+    for src, dst in zip(checkpoint_paths(saved), checkpoint_paths(ckpt_dir / "last"), strict=True):
+        atomic_write_bytes(dst, src.read_bytes())
+    return epoch, _load_train_state(ckpt_dir, epoch, model, opt)
 
 
 @dataclass
@@ -320,10 +374,8 @@ class Trainer:
             "metrics": asdict(stats),
             **self.extra_meta,
         }
-        save_checkpoint(self.ckpt_dir / f"epoch_{stats.epoch:03d}", self.model, self.spec, **meta)
-        objective_state = getattr(self.objective, "state_dict", dict)()
-        save_train_state(self.ckpt_dir, stats.epoch, self.model, self.opt, objective_state)
-        save_checkpoint(self.ckpt_dir / "last", self.model, self.spec, **meta)
+        state = getattr(self.objective, "state_dict", dict)()
+        save_epoch(self.ckpt_dir, stats.epoch, self.model, self.spec, self.opt, meta, state)
 
     def log(self, s: EpochStats) -> None:
         line = (
@@ -392,11 +444,8 @@ def pretrain(
         on_save=on_save,
     )
     if trainer.dist.main:
-        if not resume and (out / "checkpoints").exists():
-            raise UserError(
-                f"{out} already holds a training run; pass --resume to continue it "
-                f"or choose another --out"
-            )
+        if not resume:
+            check_fresh(out)
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             atomic_write_json(

@@ -40,7 +40,15 @@ from unleash_ood.specs import RECIPES as RECIPES
 from unleash_ood.specs import FinetuneSpec as FinetuneSpec
 from unleash_ood.specs import default_recipe_name as default_recipe_name
 from unleash_ood.specs import finetune_recipe as finetune_recipe
-from unleash_ood.train import Objective, Recipe, Trainer, cross_entropy, replay_saves
+from unleash_ood.train import (
+    Objective,
+    Recipe,
+    Trainer,
+    check_fresh,
+    cross_entropy,
+    replay_saves,
+    resume_point,
+)
 
 FINETUNE_RECIPE = PAPER_RECIPE  # earlier name of the default recipe
 
@@ -139,7 +147,7 @@ def run_finetune(
             **({"umap": umap} if umap else {}),
         },
     )
-    if resume:
+    if resume and resume_point(out) is not None:  # else xi was chosen but no epoch saved
         trainer.resume()
     history = trainer.fit()
     if not trainer.dist.main:
@@ -303,8 +311,7 @@ def finetune(
             )
         choice = XiChoice(**json.loads(xi_file.read_text()))
     else:
-        if (out / "checkpoints").exists():
-            raise UserError(f"{out} already holds a run; pass --resume or choose another --out")
+        check_fresh(out)
         choice = choose_xi(benchmark, start, spec, recipe, out, device, progress)
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(xi_file, asdict(choice))
