@@ -1,10 +1,11 @@
 """One readable training loop: SGD, a per-epoch schedule, a checkpoint every k epochs, resume,
 and DistributedDataParallel under ``torchrun`` with the global batch size preserved.
 
-Every random choice of epoch ``e`` (shuffling, augmentation, dropout) is drawn from generators
-seeded with ``(seed, e)``. The RNG state at an epoch boundary is therefore a function of the
-recipe and the epoch, and resuming from the last complete checkpoint (weights, momentum
-buffers, epoch; the schedule is a function of the epoch) reproduces an uninterrupted run.
+Every random choice of epoch ``e`` (shuffling, augmentation, dropout) is drawn from named
+streams of ``(seed, e)`` (:mod:`unleash_ood.rng`). The RNG state at an epoch boundary is
+therefore a function of the recipe and the epoch, and resuming from the last complete
+checkpoint (weights, momentum buffers, epoch; the schedule is a function of the epoch)
+reproduces an uninterrupted run.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from unleash_ood.errors import UserError
 from unleash_ood.metrics import accuracy
 from unleash_ood.models import Classifier, create_model
 from unleash_ood.outputs import forward_outputs
+from unleash_ood.rng import seed_global, torch_generator
 from unleash_ood.rundir import append_log as append_log
 from unleash_ood.specs import SCHEDULES as SCHEDULES
 from unleash_ood.specs import Recipe as Recipe
@@ -84,7 +86,8 @@ def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+    """The generator of epoch ``epoch``'s shuffle and augmentation."""
+    return torch_generator(seed, "epoch", epoch)
 
 
 def global_batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
@@ -302,7 +305,7 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = r.lr_at(epoch)
         g = epoch_generator(r.seed, epoch)
-        torch.manual_seed(r.seed * 100_003 + epoch)  # dropout and other global-RNG layers
+        seed_global(r.seed, "epoch-layers", epoch)  # dropout and other global-RNG layers
         if hasattr(self.objective, "start_epoch"):  # e.g. POEM re-selects its outliers
             self.objective.start_epoch(epoch, self.model, d.rank, d.world)
         self.net.train()
@@ -419,7 +422,7 @@ def pretrain(
         check_resumable(out)
     train_data = train_data or TrainingData()
     train_set, flipped = train_data.apply(benchmark.id_train)
-    torch.manual_seed(recipe.seed)
+    seed_global(recipe.seed, "init")
     c, h, _ = benchmark.image_shape
     model = create_model(
         recipe.model,

@@ -33,6 +33,7 @@ from unleash_ood.data.base import Benchmark, ImageSet
 from unleash_ood.device import prepare_model, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.generative import MODELS, GenerativeModel, create_detector
+from unleash_ood.rng import seed_global
 from unleash_ood.train import (
     Recipe,
     append_log,
@@ -183,7 +184,7 @@ class DetectorTrainer:
         for group in self.opt.param_groups:
             group["lr"] = r.lr_at(epoch)
         g = epoch_generator(r.seed, epoch)
-        torch.manual_seed(r.seed * 100_003 + epoch)  # the model's own draws
+        seed_global(r.seed, "epoch-layers", epoch)  # the model's own draws
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         steps = len(self.train) // r.batch_size
@@ -259,7 +260,7 @@ def train_detector(
     unused), checkpointing into ``out``; ``resume`` continues the run in ``out``."""
     if not resume:
         check_fresh(out)
-    torch.manual_seed(recipe.seed)
+    seed_global(recipe.seed, "init")
     c, h, _ = benchmark.image_shape
     model = create_detector(recipe.model, c, h, **recipe.model_kwargs)
     trainer = DetectorTrainer(

@@ -34,6 +34,7 @@ from unleash_ood.method.constraint import (
 )
 from unleash_ood.method.outliers import OutlierObjective
 from unleash_ood.models.masked import apply_umap, export_dense, mask_sparsity
+from unleash_ood.rng import seed_global
 from unleash_ood.specs import METHODS as METHODS
 from unleash_ood.specs import PAPER_RECIPE
 from unleash_ood.specs import RECIPES as RECIPES
@@ -115,7 +116,7 @@ def run_finetune(
     """One fine-tune with a fixed xi (None for CE); returns the dense ``final`` checkpoint."""
     model, meta = load_checkpoint(start, device, benchmark.num_classes, benchmark.image_shape)
     dense_spec = spec_of(meta)
-    torch.manual_seed(recipe.seed)
+    seed_global(recipe.seed, "init")
     model = with_method_layers(model, spec, recipe.seed)
     data_meta = {"train_data": meta["train_data"]} if "train_data" in meta else {}
     umap = (

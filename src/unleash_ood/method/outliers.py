@@ -33,6 +33,7 @@ from unleash_ood.method.doe import Perturbation
 from unleash_ood.method.losses import energy_margin_loss as energy_margin_loss
 from unleash_ood.method.losses import oe_loss as oe_loss
 from unleash_ood.method.poem import PoemSelector
+from unleash_ood.rng import torch_generator
 from unleash_ood.specs import DEFAULT_WEIGHT as DEFAULT_WEIGHT
 from unleash_ood.specs import OUTLIER_METHODS as OUTLIER_METHODS
 from unleash_ood.specs import OutlierSpec
@@ -90,7 +91,7 @@ class OutlierObjective:
 
     def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:
         self.rank, self.world = rank, world
-        self.generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7)
+        self.generator = torch_generator(self.seed, "outliers", epoch)
         if self.spec.method == "poem":
             self.pool = self.selector.select(model, self.aux, self.id_train, epoch)
         if self.spec.method == "doe" and epoch >= round(self.spec.doe_warmup * self.epochs):

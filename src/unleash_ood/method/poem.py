@@ -21,6 +21,7 @@ from torch import nn
 
 from unleash_ood.data.base import ImageSet
 from unleash_ood.outputs import forward_outputs
+from unleash_ood.rng import torch_generator
 
 PRIOR_VAR = 20.0
 NOISE_VAR = 0.5
@@ -56,7 +57,7 @@ class PoemSelector:
     def select(
         self, model: nn.Module, aux: ImageSet, id_train: ImageSet, epoch: int
     ) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 11)
+        g = torch_generator(self.seed, "poem-select", epoch)
         n_keep = max(1, round(self.keep * len(aux)))
         device = next(model.parameters()).device
         z_aux = forward_outputs(model, aux, device).features
