@@ -114,7 +114,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     write_evaluation(
         ev,
         out,
-        config={**_config(args), "checkpoint_meta": meta, "sizes": bench.sizes()},
+        config={
+            **_config(args),
+            "checkpoint_meta": meta,
+            "sizes": bench.sizes(),
+            "processes": ctx.world,
+        },
         model=model_name,
     )
     if len(ev.scorers()) > 1:

@@ -245,10 +245,8 @@ def read_class_map(
     missing = sorted(set(range(num_classes)) - set(pairs))
     extra = sorted(set(pairs) - set(range(num_classes)))
     if missing or extra:
-        raise UserError(
-            f"{where} must map each benchmark class 0..{num_classes - 1} once; "
-            f"missing {missing[:5]}, not classes of the benchmark {extra[:5]}"
-        )
+        wrong = f"missing {missing[:5]}" if missing else f"not classes of the benchmark {extra[:5]}"
+        raise UserError(f"{where} must map each benchmark class 0..{num_classes - 1} once; {wrong}")
     mapped = [pairs[c] for c in range(num_classes)]
     if len(set(mapped)) != len(mapped):
         raise UserError(f"{where} maps two benchmark classes to the same model output")
