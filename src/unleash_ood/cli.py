@@ -734,7 +734,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding datasets")
     p.set_defaults(func=cmd_datasets)
 
-    p = sub.add_parser("evaluate", help="score a checkpoint on a benchmark with post-hoc scorers")
+    p = sub.add_parser(
+        "evaluate", help="score a checkpoint or your own model on a benchmark with post-hoc scorers"
+    )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--checkpoint", help="checkpoint (.safetensors + .json sidecar)")
     which.add_argument(
@@ -763,7 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--autocast",
         choices=("none", "bf16", "fp16"),
         default="none",
-        help="mixed precision of the forward pass (fp16: GPU only; default float32)",
+        help="mixed precision of the forward pass: bf16, fp16 (GPU only) or none (float32)",
     )
     p.set_defaults(func=cmd_evaluate)
 
