@@ -189,6 +189,7 @@ def test_bad_model_specs(spec, head, message) -> None:
     "content, name, message",
     [
         (None, "weights.bin", "expected a .safetensors, .pth, .pt file"),
+        (None, "torchvision:ResNet18_Weights.IMAGENET1K_V1", "never does; download the file"),
         (None, "absent.pth", "does not exist"),
         (b"not a safetensors file", "w.safetensors", "not a readable safetensors file"),
         ("module", "w.pth", "cannot be read as a state dict without unpickling code"),
@@ -206,10 +207,11 @@ def test_bad_weight_files(tmp_path, content, name, message) -> None:
         torch.save(torch.nn.Linear(2, 2).state_dict(), path)
     elif content is not None:
         path.write_bytes(content)
-    elif name != "absent.pth":
+    elif name.endswith(".bin"):
         path.write_bytes(b"")
+    weights = name if name.startswith("torchvision:") else path
     with pytest.raises(UserError, match=message):
-        load_model("torchvision:resnet18", path, num_classes=10)
+        load_model("torchvision:resnet18", weights, num_classes=10)
 
 
 def test_evaluator_refuses_the_silent_mismatches_of_a_bare_headsplit(small_benchmark) -> None:

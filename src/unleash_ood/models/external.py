@@ -177,6 +177,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors by name from ``.safetensors``, or from a ``.pth``/``.pt`` file that
     ``torch.load(weights_only=True)`` can read (a plain state dict, or one under a
     ``"state_dict"`` key); nothing is ever unpickled."""
+    if str(path).startswith((TORCHVISION, TIMM)):
+        raise UserError(
+            f"--weights {path}: named pretrained weights would be downloaded, which this "
+            "library never does; download the file once and give its path (torchvision's "
+            "weights enum lists the URL, and its transforms() the --resize/--crop to use)"
+        )
     path = Path(path)
     if path.suffix not in WEIGHT_SUFFIXES:
         raise UserError(
