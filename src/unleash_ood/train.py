@@ -39,6 +39,8 @@ from unleash_ood.checkpoint import (
 )
 from unleash_ood.data.base import ImageSet
 from unleash_ood.data.noise import TrainingData
+from unleash_ood.device import Dist as Dist
+from unleash_ood.device import init_distributed as init_distributed
 from unleash_ood.device import prepare_model, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.metrics import accuracy
@@ -58,31 +60,6 @@ Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor
 def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     logits = model(x)
     return F.cross_entropy(logits, y), logits
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size()), device
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
