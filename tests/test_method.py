@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 from functools import partial
 
 import pytest
 import torch
 
-from conftest import finetune_argv
+from conftest import TORCHRUN, finetune_argv
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.evaluate import evaluate
@@ -190,5 +192,30 @@ def test_finetune_validate_picks_xi_on_validation_data(
     # --track follows the chosen run's epochs into this run's track.csv
     with open(out / "track.csv") as f:
         assert {int(r["epoch"]) for r in csv.DictReader(f)} == {1}
+    _, meta = load_checkpoint(out / "checkpoints" / "final")
+    assert meta["finetune"]["xi"] == choice["xi"]
+
+
+def test_torchrun_validate_waits_for_the_main_process(
+    fmnist_dir, tiny_checkpoint, tmp_path
+) -> None:
+    """Two processes: each candidate's final model is read only after the main process wrote
+    it (it used to be read too early by the other process), and only the main one writes."""
+    out = tmp_path / "validate"
+    args = ["--method", "um", "--xi", "validate", "--xi-grid", "1,2", "--n-masks", "2"]
+    argv = finetune_argv(fmnist_dir, tiny_checkpoint, out, *args)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(
+        [*TORCHRUN, "-m", "unleash_ood", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    choice = json.loads((out / "xi.json").read_text())
+    assert choice["source"] == "validate" and len(choice["grid"]) == 2
+    assert json.loads((out / "config.json").read_text())["processes"] == 2
     _, meta = load_checkpoint(out / "checkpoints" / "final")
     assert meta["finetune"]["xi"] == choice["xi"]

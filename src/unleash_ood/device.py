@@ -66,6 +66,11 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self) -> None:
+        """Wait for every process: after the main one writes files the others then read."""
+        if self.world > 1:
+            dist.barrier()
+
 
 def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group that ``torchrun`` describes in the environment, if any."""

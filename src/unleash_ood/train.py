@@ -343,8 +343,7 @@ class Trainer:
                 self.log(stats)
                 if self.on_save:
                     self.on_save(stats.epoch, self.model, asdict(stats))
-            if self.dist.world > 1:
-                dist.barrier()
+            self.dist.barrier()
         return history
 
     def save(self, stats: EpochStats) -> None:

@@ -24,6 +24,7 @@ from unleash_ood.checkpoint import (
 from unleash_ood.data.auxiliary import load_aux
 from unleash_ood.data.base import Benchmark
 from unleash_ood.data.noise import TrainingData
+from unleash_ood.device import current_dist, init_distributed
 from unleash_ood.errors import UserError
 from unleash_ood.evaluate import evaluate
 from unleash_ood.method.constraint import (
@@ -254,6 +255,7 @@ def validate_xi(
         final = run / "checkpoints" / "final"
         if not final.with_suffix(".json").exists():
             run_finetune(benchmark, start, spec, recipe, run, device, xi, progress=progress)
+        current_dist().barrier()  # the main process writes ``final``; every process reads it
         tuned, _ = load_checkpoint(final, device)
         ev = evaluate(tuned, benchmark, "energy", splits=("val",), device=device, progress=False)
         grid.append(
@@ -299,9 +301,14 @@ def finetune(
 
     The model is fine-tuned on the training data it was trained on: a start checkpoint that
     records a subset or label noise (``unleash pretrain --label-noise``) brings it along.
+
+    Under ``torchrun`` every process joins the group first (and takes its own GPU), chooses xi
+    the same way (the estimate is deterministic), and fine-tunes its shard; only the main
+    process writes, and the others wait for it before reading what it wrote.
     """
     spec.check()
     recipe.check()
+    ranks, device = init_distributed(device)
     benchmark = with_start_training_data(benchmark, start)
     xi_file = out / "xi.json"
     if resume:
@@ -314,24 +321,28 @@ def finetune(
     else:
         check_fresh(out)
         choice = choose_xi(benchmark, start, spec, recipe, out, device, progress)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(xi_file, asdict(choice))
-        atomic_write_json(
-            out / "config.json",
-            {
-                "command": "finetune",
-                "from": str(start),
-                "spec": asdict(spec),
-                "recipe_name": recipe_name,
-                "recipe": asdict(recipe),
-                "train_size": len(benchmark.id_train),
-            },
-        )
+        if ranks.main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(xi_file, asdict(choice))
+            atomic_write_json(
+                out / "config.json",
+                {
+                    "command": "finetune",
+                    "from": str(start),
+                    "spec": asdict(spec),
+                    "recipe_name": recipe_name,
+                    "recipe": asdict(recipe),
+                    "train_size": len(benchmark.id_train),
+                    "processes": ranks.world,
+                },
+            )
     if choice.source == "validate" and not resume:
         chosen = next(Path(g["run"]) for g in choice.grid if g["xi"] == choice.xi)
-        shutil.copytree(chosen / "checkpoints", out / "checkpoints")
-        if on_save is not None:  # e.g. --track: the chosen run's epochs, as if trained here
-            replay_saves(out, on_save, device, benchmark, progress)
+        if ranks.main:
+            shutil.copytree(chosen / "checkpoints", out / "checkpoints")
+            if on_save is not None:  # e.g. --track: the chosen run's epochs, as if trained here
+                replay_saves(out, on_save, device, benchmark, progress)
+        ranks.barrier()
         return out / "checkpoints" / "final", choice
     final = run_finetune(
         benchmark,
