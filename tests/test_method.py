@@ -81,18 +81,33 @@ def test_estimate_is_seeded_and_above_the_models_loss(tiny_benchmark, tiny_check
     assert a.xi > a.train_loss and not a.is_noop
 
 
-@pytest.mark.parametrize("method", ["ce", "um", "umap"])
-def test_finetune_command(capsys, fmnist_dir, tiny_checkpoint, tmp_path, method) -> None:
+@pytest.mark.parametrize(
+    ("method", "loss", "trains"),
+    [
+        ("ce", "ce", "weights"),
+        ("um", "um", "weights"),
+        ("umap", "um", "mask"),
+        ("mask-ce", "ce", "mask"),
+    ],
+)
+def test_finetune_command(
+    capsys, fmnist_dir, tiny_checkpoint, tmp_path, method, loss, trains
+) -> None:
     out = tmp_path / method
-    args = ["--method", method, "--n-masks", "2"]
-    code = main(finetune_argv(fmnist_dir, tiny_checkpoint, out, *args))
+    how = ["--method", method] if method != "mask-ce" else ["--loss", loss, "--trains", trains]
+    code = main(finetune_argv(fmnist_dir, tiny_checkpoint, out, *how, "--n-masks", "2"))
     assert code == 0, capsys.readouterr().err
     xi = json.loads((out / "xi.json").read_text())
-    assert (xi["xi"] is None) == (method == "ce")
+    assert (xi["xi"] is None) == (loss == "ce")
     final, meta = load_checkpoint(out / "checkpoints" / "final")
     assert meta["finetune"]["method"] == method
+    assert (out / "sparsity.json").exists() == (trains == "mask")
     start, _ = load_checkpoint(tiny_checkpoint)
-    assert not torch.equal(final.head.weight, start.head.weight)
+    changed = ~torch.isclose(final.head.weight, start.head.weight)
+    if trains == "mask":  # only zeros: a learned mask drops pretrained weights, never moves one
+        assert changed.any() and (final.head.weight[changed] == 0).all()
+    else:
+        assert changed.any()
 
 
 def test_finetune_refuses_a_noop_constraint(capsys, fmnist_dir, tiny_checkpoint, tmp_path) -> None:

@@ -17,15 +17,18 @@ from unleash_ood.rundir import append_log, check_out, check_writable, holds_file
 from unleash_ood.specs import (
     DEFAULT_WEIGHT,
     DETECTOR_KINDS,
+    LOSSES,
     METHODS,
     OUTLIER_METHODS,
     RECIPES,
+    TRAINS,
     XI_REDUCTIONS,
     FinetuneSpec,
     OutlierSpec,
     Recipe,
     default_recipe_name,
     finetune_recipe,
+    method_named,
 )
 
 # Every sub-command's handler imports what it needs (PyTorch included) when it runs, so that
@@ -357,6 +360,17 @@ def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
     )
 
 
+def _method(args: argparse.Namespace) -> str:
+    """``--method``, or the method that ``--loss`` x ``--trains`` names."""
+    if args.loss is None and args.trains is None:
+        return args.method or FinetuneSpec().method
+    if args.loss is None or args.trains is None:
+        raise UserError("--loss and --trains go together (or use --method alone)")
+    if args.method is not None:
+        raise UserError("give either --method or --loss with --trains, not both")
+    return method_named(args.loss, args.trains)
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.data import load_benchmark
@@ -366,7 +380,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     check_writable(Path(args.out))
     start = read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
     spec = FinetuneSpec(
-        method=args.method,
+        method=_method(args),
         xi=args.xi,
         keep=args.keep,
         train_weights=args.train_weights,
@@ -379,7 +393,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     recipe_name = args.recipe or default_recipe_name(spec.outliers is not None)
     recipe = _recipe_from(
         args,
-        finetune_recipe(args.method, recipe_name),
+        finetune_recipe(spec.method, recipe_name),
         model=start["architecture"],
         model_kwargs=start.get("model_kwargs", {}),
     )
@@ -404,7 +418,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         xi += f"; per mask {per_mask}, {choice.estimate.get('reduction', 'mean')} taken"
     with_oe = f" and {args.outliers} outlier exposure" if args.outliers else ""
     print(
-        f"fine-tuned with {args.method}{with_oe} (recipe {recipe_name}: {recipe.epochs} epochs, "
+        f"fine-tuned with {spec.method}{with_oe} (recipe {recipe_name}: {recipe.epochs} epochs, "
         f"lr {recipe.lr} {recipe.schedule}), xi {xi}; final model: {final}.safetensors"
     )
 
@@ -809,9 +823,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        default=d.method,
+        default=None,
         choices=METHODS,
-        help="um (loss constraint), umap (learned mask + constraint), ce (control)",
+        help=f"um (loss constraint), umap (learned mask + constraint), ce (control), mask-ce "
+        f"(learned mask, plain CE); or give --loss and --trains (default: {d.method})",
+    )
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=None,
+        help="the ID loss, with --trains instead of --method: ce, or um (the loss constraint)",
+    )
+    p.add_argument(
+        "--trains",
+        choices=TRAINS,
+        default=None,
+        help="what fine-tuning changes, with --loss: the weights, or a learned mask over them",
     )
     p.add_argument(
         "--xi",

@@ -114,7 +114,7 @@ def finetune_recipe(
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; choose {', '.join(RECIPES)}")
     base = RECIPES[name]
-    if name == "quick" and method == "umap":
+    if name == "quick" and METHOD_PARTS.get(method, ("", ""))[1] == "mask":
         base = replace(base, lr=QUICK_UMAP_LR)
     return replace(base, **changes)
 
@@ -170,7 +170,30 @@ class OutlierSpec:
         return max(1, round(batch_size * self.aux_ratio))
 
 
-METHODS = ("um", "umap", "ce")
+# A fine-tuning method is a loss on the ID data (plain CE, or UM's flooded CE at xi) times what
+# trains (the weights, or UMAP's learned mask over frozen pretrained weights).
+METHOD_PARTS = {
+    "um": ("um", "weights"),
+    "umap": ("um", "mask"),
+    "ce": ("ce", "weights"),
+    "mask-ce": ("ce", "mask"),  # UMAP's mask learned with plain CE: UMAP without the constraint
+}
+METHODS = tuple(METHOD_PARTS)
+LOSSES = ("um", "ce")
+TRAINS = ("weights", "mask")
+
+
+def method_named(loss: str, trains: str) -> str:
+    """The method name of ``loss`` (ce | um) x ``trains`` (weights | mask)."""
+    for name, parts in METHOD_PARTS.items():
+        if parts == (loss, trains):
+            return name
+    raise UserError(
+        f"--loss takes {' or '.join(LOSSES)} and --trains {' or '.join(TRAINS)}, "
+        f"not {loss!r} and {trains!r}"
+    )
+
+
 XI_REDUCTIONS = ("mean", "median")
 
 
@@ -188,6 +211,16 @@ class FinetuneSpec:
     xi_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
     acc_tolerance: float = 0.01
     outliers: OutlierSpec | None = None  # outlier exposure beside the ID term
+
+    @property
+    def loss(self) -> str:
+        """The ID loss: ``ce`` or ``um`` (the loss constraint at xi)."""
+        return METHOD_PARTS[self.method][0]
+
+    @property
+    def trains(self) -> str:
+        """What the fine-tune changes: the ``weights`` or a learned ``mask`` over them."""
+        return METHOD_PARTS[self.method][1]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

@@ -75,8 +75,9 @@ def noop_error(xi: float, train_loss: float) -> UserError:
 
 
 def with_method_layers(model: torch.nn.Module, spec: FinetuneSpec, seed: int) -> torch.nn.Module:
-    """UMAP wraps every conv/linear layer in a learnable mask; UM and CE train all weights."""
-    if spec.method != "umap":
+    """A mask-training method (UMAP, mask-CE) wraps every conv/linear layer in a learnable
+    mask; UM and CE train all weights."""
+    if spec.trains != "mask":
         return model
     return apply_umap(model, keep=spec.keep, train_weights=spec.train_weights, seed=seed)
 
@@ -121,7 +122,7 @@ def run_finetune(
     model = with_method_layers(model, spec, recipe.seed)
     data_meta = {"train_data": meta["train_data"]} if "train_data" in meta else {}
     umap = (
-        {"keep": spec.keep, "train_weights": spec.train_weights} if spec.method == "umap" else None
+        {"keep": spec.keep, "train_weights": spec.train_weights} if spec.trains == "mask" else None
     )
     info = {
         "from": str(start),
@@ -155,7 +156,7 @@ def run_finetune(
     if not trainer.dist.main:
         return out / "checkpoints" / "final"
     dense = model
-    if spec.method == "umap":
+    if spec.trains == "mask":
         dense = export_dense(model)
         atomic_write_json(out / "sparsity.json", mask_sparsity(model))
     final = out / "checkpoints" / "final"
@@ -209,7 +210,7 @@ def choose_xi(
     progress: bool,
 ) -> XiChoice:
     """Resolve ``spec.xi`` to a number, refusing values at which UM would do nothing."""
-    if spec.method == "ce":
+    if spec.loss == "ce":
         return XiChoice("none", None)
     model, _ = load_checkpoint(start, device, benchmark.num_classes, benchmark.image_shape)
     if spec.xi == "validate":
