@@ -343,6 +343,9 @@ def _recipe_from(args: argparse.Namespace, base=None, **fixed):
 
 def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
     if args.outliers is None:
+        wild = (args.wild, args.wild_margin, args.wild_shift)
+        if any(v is not None for v in wild) or args.wild_pi != OutlierSpec.wild_pi:
+            raise UserError("--wild and its flags need --outliers woods or scone")
         return None
     return OutlierSpec(
         method=args.outliers,
@@ -354,6 +357,10 @@ def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
         m_out=args.m_out,
         poem_keep=args.poem_keep,
         doe_warmup=args.doe_warmup,
+        wild=args.wild,
+        wild_pi=args.wild_pi,
+        wild_margin=args.wild_margin,
+        wild_shift=args.wild_shift,
     )
 
 
@@ -499,7 +506,8 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--outliers",
         choices=OUTLIER_METHODS,
-        help="add an outlier term: oe, energy (Energy-OE), poem, doe; the ID term stays "
+        help="add an outlier term: oe, energy (Energy-OE), poem, doe, or woods/scone (from an "
+        "unlabeled wild mix, see --wild); the ID term stays "
         "--method's (ce, or the UM loss)",
     )
     g.add_argument(
@@ -536,6 +544,28 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d.doe_warmup,
         help="doe: fraction of epochs trained with plain OE before perturbing",
+    )
+    g.add_argument(
+        "--wild",
+        default=None,
+        metavar="SOURCE",
+        help="woods/scone: outliers of the unlabeled wild mix, any --aux source (default: "
+        "bundled); the mix's composition goes to wild.json",
+    )
+    g.add_argument(
+        "--wild-pi", type=float, default=d.wild_pi, help="woods/scone: outlier fraction of the mix"
+    )
+    g.add_argument(
+        "--wild-margin",
+        type=float,
+        default=None,
+        help="woods/scone: energy margin eta of the wild term (default: woods 0, scone -10)",
+    )
+    g.add_argument(
+        "--wild-shift",
+        type=float,
+        default=None,
+        help="woods/scone: covariate-shifted ID fraction of the mix (default: woods 0, scone 0.5)",
     )
 
 
