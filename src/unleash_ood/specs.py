@@ -269,6 +269,47 @@ class FinetuneSpec:
         self.__post_init__()
 
 
+WATERMARK_SCORES = ("msp", "energy")
+# The official code's predefined CIFAR-10 settings per score (QizhouWang/watermarking,
+# train.py): signed-step size alpha, noise std sigma, sharpness radius rho, outlier-term weight
+# beta, and the energy penalties' scales (in normalised input units, as there).
+WATERMARK_DEFAULTS = {
+    "msp": {"sigma": 0.4, "rho": 1.0, "beta": 3.5, "t_in": 0.0, "t_out": 0.0},
+    "energy": {"sigma": 1.5, "rho": 0.05, "beta": 0.1, "t_in": 0.2, "t_out": 0.7},
+}
+
+
+@dataclass
+class WatermarkSpec:
+    """How ``unleash watermark`` learns its pattern; ``None``: the score's default."""
+
+    score: str = "msp"
+    epochs: int = 50
+    batch_size: int = 128
+    alpha: float = 0.01
+    sigma: float | None = None
+    rho: float | None = None
+    beta: float | None = None
+    t_in: float | None = None
+    t_out: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.score not in WATERMARK_SCORES:
+            raise UserError(f"--score takes {' or '.join(WATERMARK_SCORES)}, not {self.score!r}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+        _finite("--alpha", self.alpha, 0, low_open=True)
+        for name, value in WATERMARK_DEFAULTS[self.score].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+            _finite(f"--{name.replace('_', '-')}", getattr(self, name), 0)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"--seed must be a non-negative integer, not {self.seed!r}")
+
+
 # Generative detectors ``unleash detector train --kind`` can train (one default recipe each in
 # ``generative.trainer.DEFAULT_RECIPES``).
 DETECTOR_KINDS = ("vae",)
