@@ -48,6 +48,7 @@ from unleash_ood.checkpoint import (
 from unleash_ood.data.base import Benchmark, ImageSet
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
+from unleash_ood.method.finetune import with_start_training_data
 from unleash_ood.method.losses import oe_loss
 from unleash_ood.metrics import accuracy
 from unleash_ood.models import Classifier
@@ -183,10 +184,12 @@ def run_watermark(
     device: torch.device,
     progress: bool = True,
 ) -> Path:
-    """Learn a pattern for checkpoint ``start`` and write the run directory: ``config.json``,
+    """Learn a pattern for checkpoint ``start`` on the training data it was trained on (a
+    recorded subset or label noise comes along) and write the run directory: ``config.json``,
     ``log.txt``, ``watermark.safetensors`` (the pattern, pixel units), ``watermark.png`` and
     ``checkpoints/final`` (the watermarked model, loadable like any checkpoint)."""
     model, meta = load_checkpoint(start, device, benchmark.num_classes, benchmark.image_shape)
+    benchmark = with_start_training_data(benchmark, Path(start))  # its subset, if any
     if meta.get("watermark") or meta.get("umap"):
         raise UserError(
             f"{start} is already a watermarked or masked model; watermark the dense model"
