@@ -86,14 +86,11 @@ def best_posthoc(evaluation: dict) -> str:
 
 def arms(args: argparse.Namespace) -> list[tuple[str, int | None, list[str] | None]]:
     """(name, seed, training argv without --out) of every arm; None: no training."""
-    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
     listed: list[tuple[str, int | None, list[str] | None]] = [("start", None, None)]
     for seed in args.seeds:
         s = ["--seed", str(seed)]
         for score in ("msp", "energy"):
-            listed.append(
-                (f"watermark-{score}", seed, ["watermark", "--score", score, *s, *epochs])
-            )
+            listed.append((f"watermark-{score}", seed, ["watermark", "--score", score, *s]))
         for method in ("ce", "woods", "scone"):
             wild = ["--outliers", method, "--wild-pi", WILD_PI] if method != "ce" else []
             listed.append(
@@ -111,14 +108,12 @@ def run_all(args: argparse.Namespace) -> dict[str, list[dict]]:
         checkpoint = Path(args.start)
         cost = None
         if train is not None:
-            ft_epochs = (
-                ["--epochs", str(args.epochs)] if args.epochs and train[0] == "finetune" else []
-            )
-            argv = [*train, *ft_epochs, "--from", args.start, "--out", str(folder / "run"), *common]
+            epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+            argv = [*train, *epochs, "--from", args.start, "--out", str(folder / "run"), *common]
             checkpoint = folder / "run" / "checkpoints" / "final"
             cost = timed(folder / "run", argv, checkpoint.with_suffix(".json"), args.resume)
         evaluation, eval_cost = evaluate_arm(
-            checkpoint, folder / "eval", [*common], scorers, args.resume
+            checkpoint, folder / "eval", common, scorers, args.resume
         )
         best = best_posthoc(evaluation)
         results.setdefault(name, []).append(
@@ -180,7 +175,8 @@ def smoke_start(args: argparse.Namespace) -> None:
     """Smoke settings: one seed, one epoch, few scorers, and as start a width-4 CNN
     pretrained for one epoch on 1000 images (its fine-tunes and watermark train on them)."""
     args.seeds, args.epochs = args.seeds[:1], 1
-    args.runs, args.out = args.runs.with_name("related-smoke"), str(args.runs) + "-smoke"
+    args.runs = args.runs.with_name("related-smoke")
+    args.out = str(args.runs / "related")  # never over the study's results
     run = args.runs / "start-model"
     argv = ["pretrain", "--train-size", "1000", "--epochs", "1", "--model-arg", "width=4"]
     argv += ["--batch-size", "100", "--out", str(run), "--device", "cpu", *args.data]

@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import finetune_argv
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.errors import UserError
@@ -168,3 +169,6 @@ def test_bad_watermark_input_is_a_one_line_error(capsys, fmnist_dir, tiny_checkp
     again = _argv(fmnist_dir, out / "checkpoints" / "final", tmp_path / "again", "--epochs", "1")
     assert main(again) == 2
     assert "already a watermarked" in capsys.readouterr().err
+    finetune = finetune_argv(fmnist_dir, out / "checkpoints" / "final", tmp_path / "ft")
+    assert main(finetune) == 2
+    assert "is a watermarked model" in capsys.readouterr().err

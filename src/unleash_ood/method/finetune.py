@@ -318,6 +318,11 @@ def finetune(
     """
     spec.check()
     recipe.check()
+    if read_sidecar(start).get("watermark"):
+        raise UserError(
+            f"{start} is a watermarked model (a frozen model plus an input pattern); "
+            f"fine-tune the model it was made from"
+        )
     benchmark = with_start_training_data(benchmark, start)
     xi_file = out / "xi.json"
     if resume:

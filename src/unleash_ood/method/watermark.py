@@ -11,7 +11,7 @@ the same size is ``CE(f(x + w), y) + beta * R``, with, for the score the pattern
   their exponential penalties on large outlier logits and small ID logits.
 
 Each step is sharpness-aware and signed: ``g = grad L(w)``, ``e = g / ||g||``, then
-``w <- w - alpha * sign(grad L(w + rho e))``; ``alpha`` is divided by 10 halfway through.
+``w <- w - alpha * sign(grad L(w + rho e))``; ``alpha`` is divided by 10 for the second half.
 The official defaults (QizhouWang/watermarking, train.py; CIFAR-10, the only ones they give
 for a small benchmark): 50 epochs of batch 128 with random horizontal flips, alpha 0.01,
 and per score the ``specs.WATERMARK_DEFAULTS``. ``w``, ``sigma`` and ``rho`` live in
@@ -20,7 +20,8 @@ i.e. the pixel noise ``mean + std * sigma * N(0, 1)`` here); the saved pattern i
 pixel units, what :class:`~unleash_ood.models.watermark.Watermarked` adds to images in [0, 1].
 
 Deviations from the authors' code: their loop runs epochs 0 to 50 inclusive (51 passes) and
-divides alpha at pass 25; we run ``epochs`` passes and divide at ``epochs // 2``. The ragged
+divides alpha from pass 25; we run ``epochs`` passes and divide from pass ``ceil(epochs / 2)``
+(0-based: 25 of 50, never in a one-pass run). The ragged
 last batch of an epoch is dropped (as every trainer here does). A zero gradient gives no
 sharpness perturbation instead of a division by zero. There is no ``--resume``: the pattern
 is one small tensor, but an interrupted run starts again.
@@ -128,7 +129,7 @@ def learn_watermark(
     w = torch.zeros(1, *train.shape, device=device)
     for epoch in range(spec.epochs):
         t0, losses = time.perf_counter(), []
-        alpha = spec.alpha * (0.1 if epoch >= spec.epochs // 2 else 1.0)
+        alpha = spec.alpha * (0.1 if epoch >= (spec.epochs + 1) // 2 else 1.0)
         g = torch_generator(spec.seed, "watermark", epoch)
         for idx in global_batches(len(train), spec.batch_size, g):
             x, y = train.__getitems__(idx)

@@ -44,6 +44,7 @@ Deviations from the authors' code:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -172,7 +173,7 @@ def build_wild_mix(
     """A wild set as large as ``id_train`` allows (at most ``len(outliers) / pi`` images) with
     a fraction ``pi`` of outliers and ``shift`` of corrupted ID images, drawn from the stream
     ``"wild-mix"`` of ``seed``."""
-    size = min(len(id_train), int(len(outliers) / pi))
+    size = min(len(id_train), math.floor(len(outliers) / pi + 1e-9))
     n_id, n_shift, n_out = mix_counts(size, pi, shift)
     rng = numpy_rng(seed, "wild-mix")
     order = rng.permutation(len(id_train))
