@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from unleash_ood.errors import UserError
 from unleash_ood.models import Classifier, create_model
 from unleash_ood.models.masked import apply_umap
+from unleash_ood.models.watermark import Watermarked
 
 FORMAT = "unleash-ood/1"
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
@@ -189,6 +190,7 @@ def check_sidecar(meta: Any, sidecar: Path) -> None:
             ("mean", _numbers(meta.get("mean"), meta.get("in_channels"))),
             ("std", _numbers(meta.get("std"), meta.get("in_channels"))),
             ("umap", isinstance(meta.get("umap", {}), dict | type(None))),
+            ("watermark", isinstance(meta.get("watermark", {}), dict | type(None))),
         ]
     problems = [key for key, ok in checks if not ok]
     if not problems and any(x <= 0 for x in meta.get("std", ())):
@@ -220,6 +222,9 @@ def build_model(meta: dict[str, Any]) -> Classifier:
         ) from e
     if meta.get("umap"):
         apply_umap(model, **meta["umap"])
+    if meta.get("watermark"):  # an input pattern learned by 'unleash watermark'
+        size = meta["input_size"]
+        model = Watermarked(model, torch.zeros(meta["in_channels"], size, size))
     return model
 
 

@@ -22,10 +22,13 @@ from unleash_ood.specs import (
     OUTLIER_METHODS,
     RECIPES,
     TRAINS,
+    WATERMARK_DEFAULTS,
+    WATERMARK_SCORES,
     XI_REDUCTIONS,
     FinetuneSpec,
     OutlierSpec,
     Recipe,
+    WatermarkSpec,
     default_recipe_name,
     finetune_recipe,
     method_named,
@@ -346,6 +349,9 @@ def _recipe_from(args: argparse.Namespace, base=None, **fixed):
 
 def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
     if args.outliers is None:
+        wild = (args.wild, args.wild_margin, args.wild_shift)
+        if any(v is not None for v in wild) or args.wild_pi != OutlierSpec.wild_pi:
+            raise UserError("--wild and its flags need --outliers woods or scone")
         return None
     return OutlierSpec(
         method=args.outliers,
@@ -357,6 +363,10 @@ def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
         m_out=args.m_out,
         poem_keep=args.poem_keep,
         doe_warmup=args.doe_warmup,
+        wild=args.wild,
+        wild_pi=args.wild_pi,
+        wild_margin=args.wild_margin,
+        wild_shift=args.wild_shift,
     )
 
 
@@ -421,6 +431,68 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         f"fine-tuned with {spec.method}{with_oe} (recipe {recipe_name}: {recipe.epochs} epochs, "
         f"lr {recipe.lr} {recipe.schedule}), xi {xi}; final model: {final}.safetensors"
     )
+
+
+def cmd_watermark(args: argparse.Namespace) -> None:
+    from unleash_ood.checkpoint import read_sidecar
+    from unleash_ood.data import load_benchmark
+    from unleash_ood.device import resolve_device
+    from unleash_ood.method.watermark import run_watermark
+
+    out = Path(args.out)
+    check_out(out)
+    read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
+    spec = WatermarkSpec(
+        score=args.score,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        alpha=args.alpha,
+        sigma=args.sigma,
+        rho=args.rho,
+        beta=args.beta,
+        t_in=args.t_in,
+        t_out=args.t_out,
+        seed=args.seed,
+    )
+    device = resolve_device(args.device)
+    bench = load_benchmark(args.benchmark, args.data_dir)
+    final = run_watermark(bench, args.from_, spec, out, device, progress=not args.no_progress)
+    print(
+        f"learned a {spec.score} watermark in {spec.epochs} epochs; watermarked model: "
+        f"{final}.safetensors (evaluate it with 'unleash evaluate --checkpoint {final}'); "
+        f"pattern in {out}/watermark.safetensors and watermark.png"
+    )
+
+
+def _add_watermark_parser(sub) -> None:
+    d = WatermarkSpec()
+    p = sub.add_parser(
+        "watermark", help="learn an input pattern that makes a frozen model a better detector"
+    )
+    p.add_argument("--from", dest="from_", required=True, metavar="CKPT", help="frozen model")
+    p.add_argument(
+        "--score", choices=WATERMARK_SCORES, default=d.score, help="the score the pattern serves"
+    )
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the data")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="ID per step")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="signed step size")
+    for name, text in (
+        ("sigma", "std of the Gaussian noise the pattern learns to reject"),
+        ("rho", "radius of the sharpness-aware perturbation"),
+        ("beta", "weight of the outlier term"),
+        ("t_in", "energy: scale of the ID penalty"),
+        ("t_out", "energy: scale of the noise penalty"),
+    ):
+        per_score = ", ".join(f"{k} {v[name]}" for k, v in WATERMARK_DEFAULTS.items())
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=float, default=None, help=f"{text} ({per_score})"
+        )
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of shuffling, flips and noise")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_watermark)
 
 
 def cmd_atypical(args: argparse.Namespace) -> None:
@@ -513,7 +585,8 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--outliers",
         choices=OUTLIER_METHODS,
-        help="add an outlier term: oe, energy (Energy-OE), poem, doe; the ID term stays "
+        help="add an outlier term: oe, energy (Energy-OE), poem, doe, or woods/scone (from an "
+        "unlabeled wild mix, see --wild); the ID term stays "
         "--method's (ce, or the UM loss)",
     )
     g.add_argument(
@@ -550,6 +623,28 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d.doe_warmup,
         help="doe: fraction of epochs trained with plain OE before perturbing",
+    )
+    g.add_argument(
+        "--wild",
+        default=None,
+        metavar="SOURCE",
+        help="woods/scone: outliers of the unlabeled wild mix, any --aux source (default: "
+        "bundled); the mix's composition goes to wild.json",
+    )
+    g.add_argument(
+        "--wild-pi", type=float, default=d.wild_pi, help="woods/scone: outlier fraction of the mix"
+    )
+    g.add_argument(
+        "--wild-margin",
+        type=float,
+        default=None,
+        help="woods/scone: energy margin eta of the wild term (default: woods 0, scone -10)",
+    )
+    g.add_argument(
+        "--wild-shift",
+        type=float,
+        default=None,
+        help="woods/scone: covariate-shifted ID fraction of the mix (default: woods 0, scone 0.5)",
     )
 
 
@@ -935,6 +1030,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_track)
 
+    _add_watermark_parser(sub)
     _add_detector_commands(sub)
     return parser
 

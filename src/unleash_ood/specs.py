@@ -119,8 +119,14 @@ def finetune_recipe(
     return replace(base, **changes)
 
 
-OUTLIER_METHODS = ("oe", "energy", "poem", "doe")
-DEFAULT_WEIGHT = {"oe": 0.5, "energy": 0.1, "poem": 0.1, "doe": 1.0}
+OUTLIER_METHODS = ("oe", "energy", "poem", "doe", "woods", "scone")
+DEFAULT_WEIGHT = {"oe": 0.5, "energy": 0.1, "poem": 0.1, "doe": 1.0, "woods": 1.0, "scone": 1.0}
+# Outlier exposure from an unlabeled wild mix of ID and OOD images (method/wild.py), with each
+# method's default energy margin and covariate-shifted ID fraction of the mix: SCONE's official
+# run script uses eta = -10 and pi_1 = 0.5.
+WILD_METHODS = ("woods", "scone")
+WILD_MARGIN = {"woods": 0.0, "scone": -10.0}
+WILD_SHIFT = {"woods": 0.0, "scone": 0.5}
 
 
 @dataclass
@@ -136,8 +142,13 @@ class OutlierSpec:
     m_out: float = -7.0
     poem_keep: float = 0.125
     doe_warmup: float = 0.5
+    wild: str | None = None  # woods/scone: the outlier source of the wild mix (as --aux)
+    wild_pi: float = 0.1  # woods/scone: the fraction of outliers in the wild mix
+    wild_margin: float | None = None  # None: the method's default (WILD_MARGIN)
+    wild_shift: float | None = None  # None: the method's default (WILD_SHIFT)
 
     def __post_init__(self) -> None:
+        self._check_wild()
         if self.method not in OUTLIER_METHODS:
             raise UserError(
                 f"unknown outlier method {self.method!r}; choose {', '.join(OUTLIER_METHODS)}"
@@ -160,6 +171,43 @@ class OutlierSpec:
     def check(self) -> None:
         """Kept for callers of the earlier API: a spec is validated when it is made."""
         self.__post_init__()
+
+    def _check_wild(self) -> None:
+        wild_flags = (self.wild, self.wild_margin, self.wild_shift)
+        if self.method not in WILD_METHODS:
+            if any(v is not None for v in wild_flags) or self.wild_pi != 0.1:
+                raise UserError(
+                    "--wild, --wild-pi, --wild-margin and --wild-shift belong to "
+                    "--outliers woods or scone"
+                )
+            return
+        if self.wild is None:
+            self.wild = "bundled"
+        if self.wild != "bundled" and not Path(self.wild).expanduser().exists():
+            raise UserError(
+                f"wild outliers {self.wild!r}: no such file or folder; pass --wild bundled, "
+                f"a .npy file, an image folder or a folder of ImageNet batch files"
+            )
+        if not isinstance(self.wild_pi, int | float) or not 0 < self.wild_pi <= 1:
+            raise UserError(f"--wild-pi must be in (0, 1], not {self.wild_pi!r}")
+        if self.wild_margin is not None:
+            _finite("--wild-margin", self.wild_margin, -math.inf)
+        shift = self.shift
+        if not isinstance(shift, int | float) or not 0 <= shift < 1 or self.wild_pi + shift > 1:
+            raise UserError(
+                f"--wild-shift must be in [0, 1) with --wild-pi + --wild-shift <= 1, not "
+                f"{shift!r} (with --wild-pi {self.wild_pi!r})"
+            )
+
+    @property
+    def margin(self) -> float:
+        """The energy margin of the wild term (WOODS 0, SCONE's default -10)."""
+        return WILD_MARGIN[self.method] if self.wild_margin is None else self.wild_margin
+
+    @property
+    def shift(self) -> float:
+        """The fraction of the wild mix that is covariate-shifted ID (WOODS 0, SCONE 0.5)."""
+        return WILD_SHIFT.get(self.method, 0.0) if self.wild_shift is None else self.wild_shift
 
     @property
     def lam(self) -> float:
@@ -252,6 +300,47 @@ class FinetuneSpec:
     def check(self) -> None:
         """Kept for callers of the earlier API: a spec is validated when it is made."""
         self.__post_init__()
+
+
+WATERMARK_SCORES = ("msp", "energy")
+# The official code's predefined CIFAR-10 settings per score (QizhouWang/watermarking,
+# train.py): signed-step size alpha, noise std sigma, sharpness radius rho, outlier-term weight
+# beta, and the energy penalties' scales (in normalised input units, as there).
+WATERMARK_DEFAULTS = {
+    "msp": {"sigma": 0.4, "rho": 1.0, "beta": 3.5, "t_in": 0.0, "t_out": 0.0},
+    "energy": {"sigma": 1.5, "rho": 0.05, "beta": 0.1, "t_in": 0.2, "t_out": 0.7},
+}
+
+
+@dataclass
+class WatermarkSpec:
+    """How ``unleash watermark`` learns its pattern; ``None``: the score's default."""
+
+    score: str = "msp"
+    epochs: int = 50
+    batch_size: int = 128
+    alpha: float = 0.01
+    sigma: float | None = None
+    rho: float | None = None
+    beta: float | None = None
+    t_in: float | None = None
+    t_out: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.score not in WATERMARK_SCORES:
+            raise UserError(f"--score takes {' or '.join(WATERMARK_SCORES)}, not {self.score!r}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+        _finite("--alpha", self.alpha, 0, low_open=True)
+        for name, value in WATERMARK_DEFAULTS[self.score].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+            _finite(f"--{name.replace('_', '-')}", getattr(self, name), 0)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"--seed must be a non-negative integer, not {self.seed!r}")
 
 
 # Generative detectors ``unleash detector train --kind`` can train (one default recipe each in

@@ -52,8 +52,10 @@ from unleash_ood.specs import SCHEDULES as SCHEDULES
 from unleash_ood.specs import Recipe as Recipe
 
 # An objective maps (model, images, labels) to (loss, logits); cross-entropy is the default.
-# It may also define ``start_epoch(epoch, model, rank, world)``, called before every epoch, and
-# ``state_dict()`` / ``load_state_dict(state, model)`` for what ``--resume`` must restore.
+# It may also define ``start_epoch(epoch, model, rank, world)``, called before every epoch,
+# ``state_dict()`` / ``load_state_dict(state, model)`` for what ``--resume`` must restore, and
+# ``named_parameters()`` for parameters of its own (WOODS's logistic layer) that the optimizer
+# trains with the model's; their optimizer state is saved beside the model's.
 Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -94,16 +96,24 @@ def _optimizer_key(key: str, name: str) -> str:
     return f"momentum/{name}" if key == "momentum_buffer" else f"optimizer/{key}/{name}"
 
 
+def objective_parameters(objective: Objective) -> dict[str, nn.Parameter]:
+    """The objective's own parameters by name, prefixed ``objective.`` (none for most)."""
+    own = getattr(objective, "named_parameters", dict)()
+    return {f"objective.{n}": p for n, p in dict(own).items()}
+
+
 def _write_train_state(
     ckpt_dir: Path,
     epoch: int,
     model: nn.Module,
     opt: torch.optim.Optimizer,
     objective_state: dict[str, torch.Tensor] | None = None,
+    own: dict[str, nn.Parameter] | None = None,
 ) -> None:
     """The optimizer's per-parameter tensors (SGD momentum buffers; Adam's moments and step)
-    by parameter name and the objective's own state (e.g. POEM's outlier buffer)."""
-    names = {p: n for n, p in model.named_parameters()}
+    by parameter name (the model's, and the objective's ``own``) and the objective's own
+    state (e.g. POEM's outlier buffer)."""
+    names = {p: n for n, p in [*model.named_parameters(), *(own or {}).items()]}
     tensors = {
         _optimizer_key(key, names[p]): t.detach().cpu().contiguous()
         for p, s in opt.state.items()
@@ -126,6 +136,7 @@ def save_epoch(
     opt: torch.optim.Optimizer,
     meta: dict[str, Any],
     objective_state: dict[str, torch.Tensor] | None = None,
+    own: dict[str, nn.Parameter] | None = None,
 ) -> None:
     """Save epoch ``epoch`` so that a crash at any point leaves a run ``--resume`` continues.
 
@@ -136,7 +147,7 @@ def save_epoch(
     back to epoch ``k - 1`` or continues from ``k``.
     """
     save_checkpoint(_epoch_path(ckpt_dir, epoch), model, spec, **meta)
-    _write_train_state(ckpt_dir, epoch, model, opt, objective_state)
+    _write_train_state(ckpt_dir, epoch, model, opt, objective_state, own)
     save_checkpoint(ckpt_dir / "last", model, spec, **meta)
     for old in ckpt_dir.glob("train_state_*.safetensors"):
         if old != _state_path(ckpt_dir, epoch):
@@ -144,12 +155,16 @@ def save_epoch(
 
 
 def _load_train_state(
-    ckpt_dir: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer
+    ckpt_dir: Path,
+    epoch: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    own: dict[str, nn.Parameter] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Restore the optimizer's per-parameter tensors; returns the objective's saved state.
     Adam's ``step`` counts stay on the CPU, where the optimizer keeps them."""
     tensors = read_tensors(_state_path(ckpt_dir, epoch))
-    for name, p in model.named_parameters():
+    for name, p in [*model.named_parameters(), *(own or {}).items()]:
         for key in ("momentum_buffer", *_ADAM_STATE):
             t = tensors.get(_optimizer_key(key, name))
             if t is not None:
@@ -187,7 +202,11 @@ def check_fresh(out: Path) -> None:
 
 
 def resume_run(
-    out: Path, recipe: Recipe, model: nn.Module, opt: torch.optim.Optimizer
+    out: Path,
+    recipe: Recipe,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    own: dict[str, nn.Parameter] | None = None,
 ) -> tuple[int, dict[str, torch.Tensor]]:
     """Load the newest complete epoch of ``out`` and its optimizer state into ``model`` and
     ``opt``, once its recipe is checked to be ``recipe``; returns its epoch and the
@@ -206,7 +225,7 @@ def resume_run(
     model.load_state_dict(read_tensors(checkpoint_paths(saved)[0]))
     for src, dst in zip(checkpoint_paths(saved), checkpoint_paths(ckpt_dir / "last"), strict=True):
         atomic_write_bytes(dst, src.read_bytes())
-    return epoch, _load_train_state(ckpt_dir, epoch, model, opt)
+    return epoch, _load_train_state(ckpt_dir, epoch, model, opt, own)
 
 
 @dataclass
@@ -257,8 +276,11 @@ class Trainer:
         self.net: nn.Module = self.model
         if self.dist.world > 1:
             self.net = nn.parallel.DistributedDataParallel(self.model)
+        self.own = objective_parameters(objective)
+        for p in self.own.values():
+            p.data = p.data.to(self.device)
         self.opt = torch.optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad],
+            [p for p in self.model.parameters() if p.requires_grad] + list(self.own.values()),
             lr=recipe.lr,
             momentum=recipe.momentum,
             nesterov=recipe.nesterov,
@@ -272,7 +294,7 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from ``checkpoints/last`` (model, momentum, epoch)."""
-        self.start_epoch, state = resume_run(self.out, self.recipe, self.model, self.opt)
+        self.start_epoch, state = resume_run(self.out, self.recipe, self.model, self.opt, self.own)
         if hasattr(self.objective, "load_state_dict"):
             self.objective.load_state_dict(state, self.model)
 
@@ -354,7 +376,9 @@ class Trainer:
             **self.extra_meta,
         }
         state = getattr(self.objective, "state_dict", dict)()
-        save_epoch(self.ckpt_dir, stats.epoch, self.model, self.spec, self.opt, meta, state)
+        save_epoch(
+            self.ckpt_dir, stats.epoch, self.model, self.spec, self.opt, meta, state, self.own
+        )
 
     def log(self, s: EpochStats) -> None:
         line = (

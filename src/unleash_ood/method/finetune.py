@@ -34,6 +34,7 @@ from unleash_ood.method.constraint import (
     mean_train_loss,
 )
 from unleash_ood.method.outliers import OutlierObjective
+from unleash_ood.method.wild import WILD_METHODS, WildObjective, load_wild_mix
 from unleash_ood.models.masked import apply_umap, export_dense, mask_sparsity
 from unleash_ood.rng import seed_global
 from unleash_ood.specs import METHODS as METHODS
@@ -88,6 +89,18 @@ def make_objective(
     """The training loss: CE or UM on the ID term, plus an outlier term when asked for."""
     if spec.outliers is None:
         return UMObjective(xi) if xi is not None else cross_entropy
+    if spec.outliers.method in WILD_METHODS:
+        mix = load_wild_mix(spec.outliers, benchmark.id_train, recipe.seed)
+        return WildObjective(
+            spec.outliers,
+            mix,
+            xi,
+            recipe.batch_size,
+            recipe.epochs,
+            recipe.augment,
+            recipe.seed,
+            benchmark.id_train,
+        )
     c, h, _ = benchmark.image_shape
     aux = load_aux(spec.outliers.aux, h, c, spec.outliers.aux_size, recipe.seed)
     return OutlierObjective(
@@ -132,6 +145,9 @@ def run_finetune(
         **(extra or {}),
     }
     objective = make_objective(benchmark, spec, recipe, xi)
+    if isinstance(objective, WildObjective):  # which wild images are ID, shifted, outliers
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "wild.json", objective.mix.composition())
     trainer = Trainer(
         model,
         recipe,
@@ -310,6 +326,11 @@ def finetune(
     spec.check()
     recipe.check()
     ranks, device = init_distributed(device)
+    if read_sidecar(start).get("watermark"):
+        raise UserError(
+            f"{start} is a watermarked model (a frozen model plus an input pattern); "
+            f"fine-tune the model it was made from"
+        )
     benchmark = with_start_training_data(benchmark, start)
     xi_file = out / "xi.json"
     if resume:
