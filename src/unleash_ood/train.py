@@ -51,17 +51,52 @@ from unleash_ood.rundir import append_log as append_log
 from unleash_ood.specs import SCHEDULES as SCHEDULES
 from unleash_ood.specs import Recipe as Recipe
 
-# An objective maps (model, images, labels) to (loss, logits); cross-entropy is the default.
-# It may also define ``start_epoch(epoch, model, rank, world)``, called before every epoch,
-# ``state_dict()`` / ``load_state_dict(state, model)`` for what ``--resume`` must restore, and
-# ``named_parameters()`` for parameters of its own (WOODS's logistic layer) that the optimizer
-# trains with the model's; their optimizer state is saved beside the model's.
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+class Objective:
+    """A training loss and the hooks the :class:`Trainer` calls around it, every one always.
+
+    ``objective(net, x, y)`` gives ``(loss, ID logits)`` each step; ``start_epoch`` runs before
+    every epoch (POEM re-selects its outliers, DOE switches on); ``named_parameters`` are
+    parameters of the objective's own (WOODS's logistic layer), trained by the same optimizer
+    and saved beside the model's state; ``state_dict`` / ``load_state_dict`` hold what
+    ``--resume`` must restore. The hooks do nothing here, so a plain loss defines
+    ``__call__`` alone.
+    """
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        raise NotImplementedError
+
+    def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:
+        """Called before every epoch."""
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+        """Restore what :meth:`state_dict` saved."""
+
+
+class LossObjective(Objective):
+    """A plain function ``(net, x, y) -> (loss, logits)`` as an :class:`Objective`."""
+
+    def __init__(self, fn: LossFn):
+        self.fn = fn
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        return self.fn(net, x, y)
+
+
+def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     logits = model(x)
     return F.cross_entropy(logits, y), logits
+
+
+cross_entropy = LossObjective(_cross_entropy)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -98,8 +133,7 @@ def _optimizer_key(key: str, name: str) -> str:
 
 def objective_parameters(objective: Objective) -> dict[str, nn.Parameter]:
     """The objective's own parameters by name, prefixed ``objective.`` (none for most)."""
-    own = getattr(objective, "named_parameters", dict)()
-    return {f"objective.{n}": p for n, p in dict(own).items()}
+    return {f"objective.{n}": p for n, p in objective.named_parameters()}
 
 
 def _write_train_state(
@@ -254,11 +288,13 @@ class Trainer:
         out: Path,
         device: torch.device,
         spec: dict[str, Any],
-        objective: Objective = cross_entropy,
+        objective: Objective | LossFn = cross_entropy,
         progress: bool = True,
         extra_meta: dict[str, Any] | None = None,
         on_save: Callable[[int, Classifier, dict], None] | None = None,
     ):
+        if not isinstance(objective, Objective):  # a plain loss function
+            objective = LossObjective(objective)
         recipe.check()
         self.recipe, self.train_set, self.val_set = recipe, train, val
         self.dist, self.device = init_distributed(device)
@@ -295,8 +331,7 @@ class Trainer:
     def resume(self) -> None:
         """Continue from ``checkpoints/last`` (model, momentum, epoch)."""
         self.start_epoch, state = resume_run(self.out, self.recipe, self.model, self.opt, self.own)
-        if hasattr(self.objective, "load_state_dict"):
-            self.objective.load_state_dict(state, self.model)
+        self.objective.load_state_dict(state, self.model)
 
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
         """One epoch; returns the mean objective, accuracy and plain CE on the ID batches."""
@@ -305,8 +340,7 @@ class Trainer:
             group["lr"] = r.lr_at(epoch)
         g = epoch_generator(r.seed, epoch)
         seed_global(r.seed, "epoch-layers", epoch)  # dropout and other global-RNG layers
-        if hasattr(self.objective, "start_epoch"):  # e.g. POEM re-selects its outliers
-            self.objective.start_epoch(epoch, self.model, d.rank, d.world)
+        self.objective.start_epoch(epoch, self.model, d.rank, d.world)
         self.net.train()
         # Running sums stay on the device: reading them every step would stall a GPU.
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
@@ -375,7 +409,7 @@ class Trainer:
             "metrics": asdict(stats),
             **self.extra_meta,
         }
-        state = getattr(self.objective, "state_dict", dict)()
+        state = self.objective.state_dict()
         save_epoch(
             self.ckpt_dir, stats.epoch, self.model, self.spec, self.opt, meta, state, self.own
         )

@@ -23,6 +23,7 @@ from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
 from unleash_ood.rng import torch_generator
 from unleash_ood.specs import XI_REDUCTIONS as XI_REDUCTIONS
+from unleash_ood.train import Objective
 
 
 def um_loss(ce_batch: torch.Tensor, xi: float) -> torch.Tensor:
@@ -30,7 +31,7 @@ def um_loss(ce_batch: torch.Tensor, xi: float) -> torch.Tensor:
     return (ce_batch - xi).abs() + xi
 
 
-class UMObjective:
+class UMObjective(Objective):
     """Training objective for :class:`~unleash_ood.train.Trainer`: UM on the ID term only."""
 
     def __init__(self, xi: float):

@@ -21,7 +21,6 @@ from unleash_ood.checkpoint import (
     save_checkpoint,
     spec_of,
 )
-from unleash_ood.data.auxiliary import load_aux
 from unleash_ood.data.base import Benchmark
 from unleash_ood.data.noise import TrainingData
 from unleash_ood.device import current_dist, init_distributed
@@ -33,8 +32,8 @@ from unleash_ood.method.constraint import (
     estimate_loss_constraint,
     mean_train_loss,
 )
-from unleash_ood.method.outliers import OutlierObjective
-from unleash_ood.method.wild import WILD_METHODS, WildObjective, load_wild_mix
+from unleash_ood.method.outliers import outlier_class
+from unleash_ood.method.wild import WildObjective
 from unleash_ood.models.masked import apply_umap, export_dense, mask_sparsity
 from unleash_ood.rng import seed_global
 from unleash_ood.specs import METHODS as METHODS
@@ -86,33 +85,11 @@ def with_method_layers(model: torch.nn.Module, spec: FinetuneSpec, seed: int) ->
 def make_objective(
     benchmark: Benchmark, spec: FinetuneSpec, recipe: Recipe, xi: float | None
 ) -> Objective:
-    """The training loss: CE or UM on the ID term, plus an outlier term when asked for."""
+    """The training loss: CE or UM on the ID term, plus the registered outlier method's term
+    when asked for (:data:`~unleash_ood.method.outliers.OUTLIER_OBJECTIVES`)."""
     if spec.outliers is None:
         return UMObjective(xi) if xi is not None else cross_entropy
-    if spec.outliers.method in WILD_METHODS:
-        mix = load_wild_mix(spec.outliers, benchmark.id_train, recipe.seed)
-        return WildObjective(
-            spec.outliers,
-            mix,
-            xi,
-            recipe.batch_size,
-            recipe.epochs,
-            recipe.augment,
-            recipe.seed,
-            benchmark.id_train,
-        )
-    c, h, _ = benchmark.image_shape
-    aux = load_aux(spec.outliers.aux, h, c, spec.outliers.aux_size, recipe.seed)
-    return OutlierObjective(
-        spec.outliers,
-        aux,
-        xi,
-        recipe.batch_size,
-        recipe.epochs,
-        recipe.augment,
-        recipe.seed,
-        benchmark.id_train,
-    )
+    return outlier_class(spec.outliers.method).build(spec.outliers, benchmark, recipe, xi)
 
 
 def run_finetune(

@@ -52,13 +52,14 @@ import torch
 from torch import nn
 
 from unleash_ood.data.auxiliary import load_aux
-from unleash_ood.data.base import ImageSet
+from unleash_ood.data.base import Benchmark, ImageSet
 from unleash_ood.errors import UserError
-from unleash_ood.method.outliers import OutlierObjective
+from unleash_ood.method.outliers import OutlierObjective, register
 from unleash_ood.outputs import forward_outputs
 from unleash_ood.rng import numpy_rng, torch_generator
 from unleash_ood.specs import WILD_METHODS as WILD_METHODS
 from unleash_ood.specs import OutlierSpec
+from unleash_ood.train import Recipe
 
 # The standard deviations of CIFAR-10-C's gaussian_noise corruption, severities 1 to 5.
 GAUSSIAN_SEVERITIES = (0.04, 0.06, 0.08, 0.09, 0.10)
@@ -196,6 +197,7 @@ def load_wild_mix(spec: OutlierSpec, id_train: ImageSet, seed: int) -> WildMix:
     return build_wild_mix(id_train, outliers, spec.wild, spec.wild_pi, spec.shift, seed)
 
 
+@register(*WILD_METHODS)
 class WildObjective(OutlierObjective):
     """WOODS / SCONE as a :class:`~unleash_ood.train.Trainer` objective.
 
@@ -229,6 +231,23 @@ class WildObjective(OutlierObjective):
         self.false_alarm = Multiplier(weight=alm.initial_weight)
         self.classification = Multiplier(weight=alm.initial_weight)
         self.base_loss: float | None = None
+
+    @classmethod
+    def build(
+        cls, spec: OutlierSpec, benchmark: Benchmark, recipe: Recipe, xi: float | None
+    ) -> WildObjective:
+        """The objective of ``spec`` with its wild mix (built, or read back when resuming)."""
+        mix = load_wild_mix(spec, benchmark.id_train, recipe.seed)
+        return cls(
+            spec,
+            mix,
+            xi,
+            recipe.batch_size,
+            recipe.epochs,
+            recipe.augment,
+            recipe.seed,
+            benchmark.id_train,
+        )
 
     def named_parameters(self):
         return self.logistic.named_parameters(prefix="logistic")
@@ -273,7 +292,7 @@ class WildObjective(OutlierObjective):
                 p.copy_(state[f"wild/{k}"])
 
     def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        wild = self.next_outliers(x.device)
+        wild = self.stream.next(x.device)
         n = x.shape[0]
         logits = net(torch.cat([x, wild]))
         id_term = self.id_loss(logits[:n], y)
