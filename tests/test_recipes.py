@@ -225,3 +225,20 @@ def test_a_method_is_a_loss_times_what_trains() -> None:
     assert all(method_named(*p) == m for m, p in parts.items())
     with pytest.raises(UserError, match="--loss takes um or ce"):
         method_named("mse", "weights")
+
+
+def test_training_flags_are_built_from_the_specs_fields() -> None:
+    """Each Recipe / FinetuneSpec knob has its flag, with the field's default and help."""
+    import dataclasses
+
+    from unleash_ood.cli import FINETUNE_FLAGS, RECIPE_FLAGS, build_parser
+
+    finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    flags = {a.dest: a for a in finetune._actions}
+    for spec, names in ((Recipe, RECIPE_FLAGS), (FinetuneSpec, FINETUNE_FLAGS)):
+        for f in dataclasses.fields(spec):
+            if f.metadata.get("help"):
+                assert f.name in names, f"{spec.__name__}.{f.name} has no flag"
+                assert flags[f.name].help.startswith(f.metadata["help"].replace("%", "%%"))
+    assert flags["n_masks"].default == FinetuneSpec().n_masks
+    assert flags["epochs"].default is None  # finetune: the --recipe's value unless given

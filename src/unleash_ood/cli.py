@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -24,7 +25,6 @@ from unleash_ood.specs import (
     TRAINS,
     WATERMARK_DEFAULTS,
     WATERMARK_SCORES,
-    XI_REDUCTIONS,
     FinetuneSpec,
     OutlierSpec,
     Recipe,
@@ -277,53 +277,34 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         )
 
 
+_FLAG_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _add_spec_flags(p: argparse.ArgumentParser, spec, names: Sequence[str], defaults) -> None:
+    """One ``--field-name`` flag per field of the spec dataclass ``spec`` in ``names``, from the
+    field's type and :func:`~unleash_ood.specs.knob` metadata. ``defaults`` is an instance
+    whose values the flags default to, or None when a named recipe supplies every value a
+    flag does not set (``finetune --recipe``)."""
+    fields = {f.name: f for f in dataclasses.fields(spec)}
+    for name in names:
+        f = fields[name]
+        default = None if defaults is None else getattr(defaults, name)
+        text = f.metadata["help"].replace("%", "%%")
+        if defaults is None:
+            text += " (default: the --recipe's value)"
+        kwargs = {"default": default, "help": text}
+        if f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.type == "tuple[float, ...]":
+            kwargs.update(type=number_list, default=",".join(map(str, default)))
+        else:
+            kwargs.update(type=_FLAG_TYPES[f.type], choices=f.metadata["choices"])
+        p.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
 def _add_recipe_args(p: argparse.ArgumentParser, defaults) -> None:
-    """Optimisation flags shared by the training commands. ``defaults`` is a Recipe, or None
-    when a named recipe supplies every value a flag does not set (``finetune --recipe``)."""
-
-    def default(name: str):
-        return None if defaults is None else getattr(defaults, name)
-
-    def helped(text: str) -> str:
-        return text if defaults is not None else f"{text} (default: the --recipe's value)"
-
-    p.add_argument(
-        "--seed", type=int, default=default("seed"), help=helped("random seed of the run")
-    )
-    p.add_argument(
-        "--save-every",
-        type=int,
-        default=default("save_every"),
-        help=helped("checkpoint every k epochs"),
-    )
-    p.add_argument("--epochs", type=int, default=default("epochs"), help=helped("epochs to train"))
-    p.add_argument(
-        "--batch-size", type=int, default=default("batch_size"), help=helped("global batch")
-    )
-    p.add_argument("--lr", type=float, default=default("lr"), help=helped("peak learning rate"))
-    p.add_argument(
-        "--momentum", type=float, default=default("momentum"), help=helped("SGD momentum")
-    )
-    p.add_argument(
-        "--nesterov",
-        action=argparse.BooleanOptionalAction,
-        default=default("nesterov"),
-        help=helped("Nesterov momentum"),
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        default=default("weight_decay"),
-        help=helped("L2 weight decay"),
-    )
-    p.add_argument(
-        "--schedule",
-        default=default("schedule"),
-        help=helped("step (/10 at 50%% and 75%% of the epochs), cosine or constant"),
-    )
-    p.add_argument(
-        "--augment", default=default("augment"), help=helped("none, flip, crop, crop+flip")
-    )
+    """Optimisation flags shared by the training commands (see :func:`_add_spec_flags`)."""
+    _add_spec_flags(p, Recipe, RECIPE_FLAGS, defaults)
 
 
 RECIPE_FLAGS = (
@@ -337,6 +318,15 @@ RECIPE_FLAGS = (
     "augment",
     "seed",
     "save_every",
+)
+FINETUNE_FLAGS = (
+    "n_masks",
+    "mask_fraction",
+    "xi_reduction",
+    "xi_grid",
+    "acc_tolerance",
+    "keep",
+    "train_weights",
 )
 
 
@@ -392,13 +382,8 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     spec = FinetuneSpec(
         method=_method(args),
         xi=args.xi,
-        keep=args.keep,
-        train_weights=args.train_weights,
-        n_masks=args.n_masks,
-        mask_fraction=args.mask_fraction,
-        xi_reduction=args.xi_reduction,
-        xi_grid=args.xi_grid,
         outliers=_outlier_spec(args),
+        **{name: getattr(args, name) for name in FINETUNE_FLAGS},
     )
     recipe_name = args.recipe or default_recipe_name(spec.outliers is not None)
     recipe = _recipe_from(
@@ -941,35 +926,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="loss constraint: estimate (random-mask estimate), validate (grid on "
         "OOD validation data) or a number",
     )
-    p.add_argument(
-        "--n-masks", type=int, default=d.n_masks, help="random masks averaged for --xi estimate"
-    )
-    p.add_argument(
-        "--mask-fraction",
-        type=float,
-        default=d.mask_fraction,
-        help="fraction of weights zeroed per layer for the estimate",
-    )
-    p.add_argument(
-        "--xi-reduction",
-        choices=XI_REDUCTIONS,
-        default=d.xi_reduction,
-        help="how the per-mask values of --xi estimate combine into xi",
-    )
-    p.add_argument(
-        "--xi-grid",
-        type=number_list,
-        default=",".join(map(str, d.xi_grid)),
-        help="multiples of the estimate tried by --xi validate",
-    )
-    p.add_argument(
-        "--keep", type=float, default=d.keep, help="UMAP: fraction of weights kept per layer"
-    )
-    p.add_argument(
-        "--train-weights",
-        action="store_true",
-        help="UMAP: train the weights as well as the mask scores",
-    )
+    _add_spec_flags(p, FinetuneSpec, FINETUNE_FLAGS, d)
     _add_outlier_args(p)
     p.add_argument(
         "--recipe",

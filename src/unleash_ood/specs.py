@@ -30,22 +30,28 @@ def _finite(name: str, value: float, low: float, low_open: bool = False) -> None
         raise UserError(f"{name} must be a finite number {bound}, not {value!r}")
 
 
+def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A spec field with what its command-line flag says: ``--field-name`` is built from the
+    field (type, default, ``help``, ``choices``), so the parser and the spec cannot drift."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class Recipe:
     """Every knob of a training run; written into the run directory and each checkpoint."""
 
     model: str = "cnn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    augment: str = "flip"
-    seed: int = 0
-    save_every: int = 1
+    epochs: int = knob(60, "epochs to train")
+    batch_size: int = knob(128, "global batch")
+    lr: float = knob(0.05, "peak learning rate")
+    momentum: float = knob(0.9, "SGD momentum")
+    nesterov: bool = knob(False, "Nesterov momentum")
+    weight_decay: float = knob(5e-4, "L2 weight decay")
+    schedule: str = knob("step", "step (/10 at 50% and 75% of the epochs), cosine or constant")
+    augment: str = knob("flip", "none, flip, crop, crop+flip")
+    seed: int = knob(0, "random seed of the run")
+    save_every: int = knob(1, "checkpoint every k epochs")
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -251,13 +257,19 @@ class FinetuneSpec:
 
     method: str = "um"
     xi: str = "estimate"
-    keep: float = 0.8
-    train_weights: bool = False
-    n_masks: int = 5
-    mask_fraction: float = 0.035
-    xi_reduction: str = "mean"
-    xi_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    acc_tolerance: float = 0.01
+    keep: float = knob(0.8, "UMAP: fraction of weights kept per layer")
+    train_weights: bool = knob(False, "UMAP: train the weights as well as the mask scores")
+    n_masks: int = knob(5, "random masks averaged for --xi estimate")
+    mask_fraction: float = knob(0.035, "fraction of weights zeroed per layer for the estimate")
+    xi_reduction: str = knob(
+        "mean", "how the per-mask values of --xi estimate combine into xi", XI_REDUCTIONS
+    )
+    xi_grid: tuple[float, ...] = knob(
+        (0.5, 1.0, 2.0, 4.0), "multiples of the estimate tried by --xi validate"
+    )
+    acc_tolerance: float = knob(
+        0.01, "--xi validate: ID validation accuracy a candidate may lose against the start"
+    )
     outliers: OutlierSpec | None = None  # outlier exposure beside the ID term
 
     @property
