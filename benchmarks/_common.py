@@ -13,7 +13,8 @@ from unleash_ood.checkpoint import load_checkpoint, read_sidecar
 from unleash_ood.data.base import Benchmark
 from unleash_ood.evaluate import CHANCE
 from unleash_ood.models import Classifier, create_model
-from unleash_ood.report import markdown_table
+from unleash_ood.report import HEADERS
+from unleash_ood.tables import ResultsTable
 
 METRICS = ("auroc", "fpr95_id", "fpr95_ood")
 
@@ -97,14 +98,13 @@ def summarise(
     return {"acc": 100 * evaluation["accuracy"]["id_test"], **out}
 
 
+SUMMARY_COLUMNS = {"acc": "ID acc", **{m: HEADERS[m] for m in METRICS}}
+
+
 def mean_std_table(models: dict[str, list[dict]], scorer: str) -> str:
     """One row per model: mean ± std over runs of accuracy and the headline metrics."""
-    rows = []
-    for name, evaluations in models.items():
-        vals = [summarise(e, scorer) for e in evaluations]
-        cells = [
-            f"{np.mean([v[k] for v in vals]):.2f} ± {np.std([v[k] for v in vals]):.2f}"
-            for k in ("acc", *METRICS)
-        ]
-        rows.append([name, *cells])
-    return markdown_table(["model", "ID acc", "AUROC", "FPR95 (ID+)", "FPR95 (OOD+)"], rows)
+    table = ResultsTable(
+        [{"model": name, **summarise(e, scorer)} for name, evs in models.items() for e in evs]
+    )
+    means = table.mean(by=["model"], values=list(SUMMARY_COLUMNS))
+    return means.to_markdown({"model": "model", **SUMMARY_COLUMNS})

@@ -41,7 +41,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 from _common import METRICS, summarise
 
 from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
@@ -49,7 +48,7 @@ from unleash_ood.data import load_benchmark
 from unleash_ood.demo import shipped_checkpoint
 from unleash_ood.evaluate import evaluate
 from unleash_ood.method.finetune import select_xi
-from unleash_ood.report import markdown_table
+from unleash_ood.report import markdown_table, mean_std
 
 SEEDS = (0, 1, 2)
 METHODS = ("ce", "um", "umap")
@@ -296,10 +295,6 @@ def val_auroc(evaluation: dict) -> float:
 def seconds_of(out: Path) -> float | None:
     timing = out.parent / f"{out.name}.time.json"
     return json.loads(timing.read_text())["seconds"] if timing.exists() else None
-
-
-def mean_std(values: list[float]) -> str:
-    return f"{np.mean(values):.2f} ± {np.std(values):.2f}" if values else "-"
 
 
 def comparison(phase: dict, scorer: str, arms: tuple[str, ...]) -> list[str]:

@@ -29,11 +29,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 from _common import METRICS, summarise
 
 from unleash_ood.checkpoint import atomic_write_json
-from unleash_ood.report import markdown_table
+from unleash_ood.report import markdown_table, mean_std
 
 POSTHOC = "msp,energy,maxlogit,gen,mahalanobis,knn,vim,react,rmds,she"
 SMOKE_POSTHOC = "msp,energy,maxlogit,knn"
@@ -129,12 +128,6 @@ def run_all(args: argparse.Namespace) -> dict[str, list[dict]]:
     return results
 
 
-def _mean_std(values: list[float]) -> str:
-    return (
-        f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
-    )
-
-
 def tables(results: dict[str, list[dict]]) -> str:
     rows = []
     for name, runs in results.items():
@@ -146,7 +139,7 @@ def tables(results: dict[str, list[dict]]) -> str:
                 if label != "best post-hoc"
                 else f"best post-hoc ({'/'.join(sorted(set(key)))})"
             )
-            cells = [_mean_std([v[m] for v in vals]) for m in ("acc", *METRICS)]
+            cells = [mean_std([v[m] for v in vals]) for m in ("acc", *METRICS)]
             rows.append([name, shown, *cells])
     metric_table = markdown_table(
         ["system", "scorer", "ID acc", "AUROC", "FPR95 (ID+)", "FPR95 (OOD+)"], rows
@@ -158,10 +151,10 @@ def tables(results: dict[str, list[dict]]) -> str:
         cost_rows.append(
             [
                 name,
-                _mean_std([c["seconds"] for c in train]) if train else "-",
-                _mean_std([c["peak_mib"] for c in train]) if train else "-",
-                _mean_std([c["seconds"] for c in ev]),
-                _mean_std([c["peak_mib"] for c in ev]),
+                mean_std([c["seconds"] for c in train]) if train else "-",
+                mean_std([c["peak_mib"] for c in train]) if train else "-",
+                mean_std([c["seconds"] for c in ev]),
+                mean_std([c["peak_mib"] for c in ev]),
             ]
         )
     cost_table = markdown_table(

@@ -24,6 +24,7 @@ LOWER = (
     "rundir",
     "device",
     "augment",
+    "tables",
 )
 UPPER = ("method", "train", "evaluate", "report", "track", "tune", "demo", "cli", "generative")
 # The command line imports each command's modules when the command runs (an instant --help);

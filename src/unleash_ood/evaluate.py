@@ -36,6 +36,7 @@ from unleash_ood.models import Classifier
 from unleash_ood.outputs import Outputs, progress_batches
 from unleash_ood.outputs import forward_outputs as forward_outputs
 from unleash_ood.scores import Scorer, parse_scorer_list
+from unleash_ood.tables import ResultsTable
 from unleash_ood.tune import Grid, tune_scorers, validation_view
 
 SPLITS = ("val", "test")
@@ -178,6 +179,10 @@ class Evaluation:
     def sound_scorers(self, split: str = "test") -> list[str]:
         """Scorers whose mean AUROC is not below chance: those an average over scorers takes."""
         return [r["scorer"] for r in self.ranking(split) if not r["below_chance"]]
+
+    def table(self) -> ResultsTable:
+        """Every metric row (split, scorer, dataset, metrics) as a :class:`ResultsTable`."""
+        return ResultsTable([dict(r) for r in self.rows])
 
     def to_dict(self) -> dict:
         out = {"benchmark": self.benchmark, "accuracy": self.accuracy, "rows": self.rows}

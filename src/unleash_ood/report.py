@@ -14,6 +14,9 @@ from pathlib import Path
 from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
 from unleash_ood.evaluate import CHANCE, Evaluation
 from unleash_ood.metrics import METRIC_NAMES
+from unleash_ood.tables import ResultsTable as ResultsTable
+from unleash_ood.tables import markdown_table as markdown_table
+from unleash_ood.tables import mean_std as mean_std
 
 HEADERS = {
     "auroc": "AUROC",
@@ -28,15 +31,6 @@ LEGEND = (
     "FPR95 (OOD+): ID rejected at 95 % OOD recall (OpenOOD v1.5). "
     "Threshold: accept as ID when score >= t, t over distinct scores."
 )
-
-
-def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
-    def cell(v) -> str:
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
-
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def _metric_rows(ev: Evaluation, split: str, datasets: Sequence[str] | None = None) -> list[list]:
