@@ -17,7 +17,7 @@ from unleash_ood.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-TRAINING = ("pretrain", "finetune")
+TRAINING = ("pretrain", "finetune", "watermark")
 
 
 def code_blocks(language: str) -> list[str]:
