@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 from conftest import fake_fashion
-from unleash_ood.checkpoint import load_checkpoint
+from unleash_ood.checkpoint import load_checkpoint, model_spec
 from unleash_ood.cli import main
 from unleash_ood.data import load_benchmark
-from unleash_ood.data.base import Benchmark, ImageSet, stratified_sample
+from unleash_ood.data.base import Benchmark, ImageSet
 from unleash_ood.data.benchmark_file import benchmark_from_spec
 from unleash_ood.data.formats import load_images
+from unleash_ood.data.noise import TrainingData, stratified_subset
 from unleash_ood.data.streaming import (
     ImageFiles,
     class_folder_files,
@@ -27,7 +28,9 @@ from unleash_ood.data.streaming import (
 )
 from unleash_ood.errors import UserError
 from unleash_ood.evaluate import Evaluator, OutputCache, evaluate, forward_outputs
+from unleash_ood.models import create_model
 from unleash_ood.scores import make_scorer
+from unleash_ood.train import Recipe, Trainer
 
 SCORERS = "msp,energy,knn,mahalanobis,react,vim"
 
@@ -213,17 +216,20 @@ def test_imagenet_openood_missing_is_one_line(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- fit samples
 
 
-def test_stratified_sample_keeps_class_shares_and_is_seeded() -> None:
-    labels = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
-    index = stratified_sample(labels, 20, seed=1)
-    assert len(index) == 20 and len(set(index.tolist())) == 20
-    assert torch.bincount(labels[index]).tolist() == [12, 6, 2]
-    assert torch.equal(index, stratified_sample(labels, 20, seed=1))
-    assert not torch.equal(index, stratified_sample(labels, 20, seed=2))
-    assert torch.equal(index, index.sort().values)
-    # largest remainders: 10 over shares 6/3/1 -> exactly 10
-    assert torch.bincount(labels[stratified_sample(labels, 11, 0)]).tolist() == [7, 3, 1]
-    assert torch.equal(stratified_sample(labels, 500, 0), torch.arange(100))
+def test_fit_sample_keeps_class_shares_and_is_seeded() -> None:
+    labels = np.array([0] * 60 + [1] * 30 + [2] * 10)
+
+    def draw(n: int, seed: int, stream: str = "fit-samples") -> np.ndarray:
+        return stratified_subset(labels, n, seed, stream)
+
+    index = draw(20, 1)
+    assert len(set(index.tolist())) == 20 and (np.diff(index) > 0).all()
+    assert np.bincount(labels[index]).tolist() == [12, 6, 2]
+    assert np.array_equal(index, draw(20, 1))
+    assert not np.array_equal(index, draw(20, 2))
+    assert not np.array_equal(index, draw(20, 1, "subset"))  # its own random stream
+    # largest remainders: 6.6 / 3.3 / 1.1 -> 7 / 3 / 1
+    assert np.bincount(labels[draw(11, 0)]).tolist() == [7, 3, 1]
 
 
 def test_fit_samples_bounds_the_fit_set(model, bench_file: Path) -> None:
@@ -236,6 +242,15 @@ def test_fit_samples_bounds_the_fit_set(model, bench_file: Path) -> None:
     assert torch.bincount(fitted.labels).tolist() == [5] * 10
     again = Evaluator(model, bench, [], device="cpu", progress=False, fit_samples=50, seed=3)
     assert again.fit_set().paths == fitted.paths
+
+
+def test_training_subset_and_label_noise_work_on_files(bench_file: Path) -> None:
+    train = load_benchmark(str(bench_file)).id_train
+    noisy, flipped = TrainingData(size=100, label_noise=0.2, seed=0).apply(train)
+    assert isinstance(noisy, ImageFiles) and len(noisy) == 100 and len(flipped) == 20
+    kept = [train.paths.index(p) for p in noisy.paths]
+    changed = np.flatnonzero(noisy.labels.numpy() != train.labels.numpy()[kept])
+    assert np.array_equal(changed, flipped)
 
 
 # --------------------------------------------------------------------------- same results
@@ -251,6 +266,27 @@ def test_streaming_and_in_memory_give_identical_results(model, bench_file: Path)
     ev_stream = evaluate(model, streamed, SCORERS, workers=2, **kw)
     ev_memory = evaluate(model, memory, SCORERS, **kw)
     assert ev_stream.rows == ev_memory.rows and ev_stream.accuracy == ev_memory.accuracy
+
+
+def test_training_on_files_matches_training_in_memory(bench_file: Path, tmp_path: Path) -> None:
+    streamed = load_benchmark(str(bench_file))
+    memory = in_memory(streamed)
+    recipe = Recipe(model_kwargs={"width": 4}, epochs=2, batch_size=50, lr=0.05)
+
+    def train(bench: Benchmark, workers: int, out: Path) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = create_model("cnn", num_classes=10, in_channels=1, width=4)
+        spec = model_spec(model, "cnn", 28, {"width": 4})
+        trainer = Trainer(
+            model, recipe, bench.id_train, bench.id_val, out, torch.device("cpu"), spec,
+            progress=False, workers=workers,
+        )  # fmt: skip
+        trainer.fit()
+        return model.state_dict()
+
+    want = train(memory, 0, tmp_path / "memory")
+    got = train(streamed, 2, tmp_path / "streamed")
+    assert all(torch.equal(want[k], got[k]) for k in want)
 
 
 # --------------------------------------------------------------------------- the output cache

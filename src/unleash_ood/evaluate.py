@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unleash_ood.data.base import Benchmark, ImageData, stratified_sample
+from unleash_ood.data.base import Benchmark, ImageData
+from unleash_ood.data.noise import stratified_subset
 from unleash_ood.device import prepare_model, resolve_device, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.metrics import METRIC_NAMES, accuracy, ood_metrics
@@ -210,7 +211,7 @@ class Evaluator:
 
     Streamed data is decoded in ``workers`` processes. With ``fit_samples``, scorers fit on a
     class-stratified sample of that many ID training images (seeded by ``seed``,
-    :func:`~unleash_ood.data.base.stratified_sample`), so fitting never forwards, holds or
+    :func:`~unleash_ood.data.noise.stratified_subset`), so fitting never forwards, holds or
     searches more than that: the k-NN bank is that sample, and Mahalanobis, ViM and ReAct
     take their statistics from it. ``cache_fp16`` stores cached features in float16.
     """
@@ -287,7 +288,8 @@ class Evaluator:
         train = self.benchmark.id_train
         if self.fit_samples is None or self.fit_samples >= len(train):
             return train
-        return train.subset(stratified_sample(train.labels, self.fit_samples, self.seed))
+        labels = train.labels.numpy()
+        return train.subset(stratified_subset(labels, self.fit_samples, self.seed, "fit-samples"))
 
     def run(self, splits: Sequence[str] = ("test",)) -> Evaluation:
         bad = [s for s in splits if s not in SPLITS]

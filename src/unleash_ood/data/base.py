@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from unleash_ood.errors import UserError
-from unleash_ood.rng import numpy_rng
 
 
 class ImageData(Protocol):
@@ -46,6 +45,8 @@ class ImageData(Protocol):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
     def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> ImageData: ...
+
+    def with_labels(self, labels: torch.Tensor, name: str) -> ImageData: ...
 
     def fingerprint(self) -> str: ...
 
@@ -92,6 +93,10 @@ class ImageSet(Dataset):
     def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> ImageSet:
         index = torch.as_tensor(index, dtype=torch.int64)
         return ImageSet(name or self.name, self.images[index], self.labels[index])
+
+    def with_labels(self, labels: torch.Tensor, name: str) -> ImageSet:
+        """The same images under other labels (e.g. with label noise)."""
+        return ImageSet(name, self.images, labels)
 
     def fingerprint(self) -> str:
         """A digest of the images and labels: equal for equal data, whatever its name."""
@@ -234,27 +239,6 @@ def stratified_holdout(
     )
     kept = np.setdiff1d(np.arange(y.size), held)
     return torch.from_numpy(kept), torch.from_numpy(np.sort(held))
-
-
-def stratified_sample(labels: torch.Tensor, n: int, seed: int) -> torch.Tensor:
-    """Sorted indices of ``n`` samples drawn without replacement, each class in proportion to
-    its share of ``labels`` (largest remainders round the quotas to exactly ``n``; balanced
-    classes get ``n / C`` each). Drawn from the ``"fit-samples"`` stream of ``seed``
-    (:mod:`unleash_ood.rng`), so the same subset comes back on every machine; all indices
-    when ``n >= len(labels)``."""
-    y = labels.numpy()
-    if n >= y.size:
-        return torch.arange(y.size)
-    classes, counts = np.unique(y, return_counts=True)
-    exact = n * counts / y.size
-    quota = np.floor(exact).astype(np.int64)
-    quota[np.argsort(-(exact - quota), kind="stable")[: n - quota.sum()]] += 1
-    rng = numpy_rng(seed, "fit-samples")
-    picked = [
-        rng.choice(np.flatnonzero(y == c), size=k, replace=False)
-        for c, k in zip(classes, quota, strict=True)
-    ]
-    return torch.from_numpy(np.sort(np.concatenate(picked)))
 
 
 def cached_array(key: str, build: Callable[[], np.ndarray]) -> np.ndarray:

@@ -19,7 +19,7 @@ here a skipped file would silently change which images a cached result belongs t
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from unleash_ood.data.base import ImageData
 from unleash_ood.data.formats import IMAGE_SUFFIXES, list_images, resize_center_crop
 from unleash_ood.errors import UserError
 
@@ -99,18 +100,9 @@ class ImageFiles(Dataset):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Sequential float batches in [0, 1], decoded in ``workers`` processes (0: here),
         in page-locked memory when ``pin_memory`` so copies to a GPU can overlap compute."""
-        loader = DataLoader(
-            _Decoder(self),
-            batch_size=batch_size,
-            shuffle=False,
-            num_workers=workers,
-            pin_memory=pin_memory,
-            collate_fn=_as_is,
-        )
-        for x, y, bad in loader:
-            if bad:
-                raise UserError(bad)
-            yield x, y
+        starts = range(0, len(self), batch_size)
+        index = (range(s, min(s + batch_size, len(self))) for s in starts)
+        return load_batches(self, index, workers, pin_memory)
 
     def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> ImageFiles:
         index = torch.as_tensor(index, dtype=torch.int64)
@@ -122,6 +114,10 @@ class ImageFiles(Dataset):
             self.channels,
             self.pre_size,
         )
+
+    def with_labels(self, labels: torch.Tensor, name: str) -> ImageFiles:
+        """The same files under other labels (e.g. with label noise)."""
+        return ImageFiles(name, self.paths, labels, self.size, self.channels, self.pre_size)
 
     def fingerprint(self) -> str:
         """A digest of the file list, labels and decoding: equal for the same files, whatever
@@ -137,27 +133,47 @@ class ImageFiles(Dataset):
         return f"ImageFiles({self.name!r}, n={len(self)}, shape={self.shape})"
 
 
-class _Decoder(Dataset):
-    """What the DataLoader workers run: a float batch, its labels, and the message of the first
-    file that failed ('' if none), so the error reaches the user as one line rather than as a
+def load_batches(
+    data: ImageData, index: Iterable[Sequence[int]], workers: int = 0, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``data.__getitems__`` of each index batch, fetched ahead in ``workers`` processes
+    (0: here, on demand) and pinned when ``pin_memory``: the evaluator's sequential batches and
+    the trainer's shuffled ones alike. A :class:`UserError` in a worker (a file that cannot be
+    decoded) is raised here with its own one-line message."""
+    loader = DataLoader(
+        _Fetch(data),
+        batch_sampler=index,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        collate_fn=_as_is,
+    )
+    for x, y, error in loader:
+        if error:
+            raise UserError(error)
+        yield x, y
+
+
+class _Fetch(Dataset):
+    """What the DataLoader workers run: a batch, its labels, and the message of a
+    :class:`UserError` ('' if none), so that it reaches the user as one line rather than as a
     worker's traceback."""
 
-    def __init__(self, files: ImageFiles):
-        self.files = files
+    def __init__(self, data: ImageData):
+        self.data = data
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.data)
 
     def __getitems__(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor, str]:
         try:
-            x, y = self.files.__getitems__(idx)
+            x, y = self.data.__getitems__(idx)
         except UserError as e:
             return torch.empty(0), torch.empty(0), str(e)
         return x, y, ""
 
 
 def _as_is(batch: tuple) -> tuple:
-    """The DataLoader's collate step: :meth:`_Decoder.__getitems__` already made the batch."""
+    """The DataLoader's collate step: :meth:`_Fetch.__getitems__` already made the batch."""
     return batch
 
 
