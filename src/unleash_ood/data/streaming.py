@@ -44,7 +44,7 @@ def decode_file(path: str, size: int, channels: int, pre_size: int | None = None
             img = resize_center_crop(img.convert("L" if channels == 1 else "RGB"), pre_size or size)
             if img.size != (size, size):
                 img = resize_center_crop(img, size)
-            array = np.asarray(img, dtype=np.uint8)
+            array = np.array(img, dtype=np.uint8)  # a writable copy, unlike np.asarray
     except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as e:
         raise UserError(f"{path}: not a readable image ({e}); replace or remove the file") from None
     return array[None] if channels == 1 else array.transpose(2, 0, 1)
