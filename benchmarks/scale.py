@@ -10,7 +10,11 @@ folders, ID test N/4, one OOD set of N/4 noise images, ID validation 200. Then:
   ``fmnist_cnn`` with knn, mahalanobis, vim, react, msp and energy, per N: measured as
   ``resource.getrusage(RUSAGE_CHILDREN).ru_maxrss`` of a fresh wrapper process that runs only
   that command (the largest resident set of the command and its DataLoader workers). Flat
-  means the largest is at most 1.2x the smallest.
+  means the largest is at most 1.2x the smallest. Measured twice: with glibc's default
+  allocator settings, and with ``MALLOC_MMAP_THRESHOLD_=131072``, which fixes the threshold
+  above which glibc serves an allocation by ``mmap`` (by default it rises as large blocks are
+  freed, and the heap then keeps freed per-batch buffers as fragments that grow with the number
+  of batches).
 - Throughput of the streamed forward pass (``forward_outputs`` over ``ImageFiles``) against a
   plain loop over a ``torch.utils.data.DataLoader`` of the same files, decoded the same way,
   with the same workers, batch size and model; best of ``--repeats`` interleaved rounds on the
@@ -24,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,8 +91,12 @@ def make_benchmark(root: Path, n: int) -> Path:
     return spec_path
 
 
-def peak_rss(bench: Path, out: Path, fit_samples: int, workers: int) -> int:
-    """Peak resident bytes of one ``unleash evaluate`` run, in a fresh wrapper process."""
+FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
+def peak_rss(bench: Path, out: Path, fit_samples: int, workers: int, env: dict) -> int:
+    """Peak resident bytes of one ``unleash evaluate`` run (with ``env`` added to the
+    environment), in a fresh wrapper process."""
     command = [
         *(sys.executable, "-m", "unleash_ood", "evaluate", "--checkpoint", "fmnist_cnn"),
         *("--benchmark", str(bench), "--scores", SCORERS, "--out", str(out)),
@@ -99,7 +109,11 @@ def peak_rss(bench: Path, out: Path, fit_samples: int, workers: int) -> int:
         "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)"
     )
     result = subprocess.run(
-        [sys.executable, "-c", wrapper, *command], check=True, capture_output=True, text=True
+        [sys.executable, "-c", wrapper, *command],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
     )
     return int(result.stdout.split()[-1]) * 1024  # ru_maxrss is in KiB on Linux
 
@@ -138,18 +152,26 @@ def main() -> None:
 
     benches = {n: make_benchmark(root, n) for n in args.sizes}
     print(
-        f"\npeak RSS of unleash evaluate, --fit-samples {args.fit_samples}, "
+        f"\npeak RSS of unleash evaluate (MiB), --fit-samples {args.fit_samples}, "
         f"--workers {args.workers}, scorers {SCORERS}"
     )
-    print("| images on disk | ID train / test / OOD | peak RSS (MiB) | / smallest |")
-    print("|---|---|---|---|")
-    first = None
+    print(
+        "| images on disk | ID train / test / OOD | default | / smallest | "
+        "MALLOC_MMAP_THRESHOLD_=131072 | / smallest |"
+    )
+    print("|---|---|---|---|---|---|")
+    first: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n, bench in benches.items():
-            rss = peak_rss(bench, Path(tmp) / f"run{n}", args.fit_samples, args.workers)
-            first = first or rss
+            cells = []
+            for label, env in (("default", {}), ("fixed", FIXED_MMAP)):
+                out = Path(tmp) / f"run{n}"
+                rss = peak_rss(bench, out, args.fit_samples, args.workers, env)
+                shutil.rmtree(out)
+                first.setdefault(label, rss)
+                cells += [f"{rss / MIB:.0f}", f"{rss / first[label]:.2f}"]
             split = f"{n // 2:,} / {n // 4:,} / {n // 4:,}"
-            print(f"| {n + VAL:,} | {split} | {rss / MIB:.0f} | {rss / first:.2f} |")
+            print(f"| {n + VAL:,} | {split} | " + " | ".join(cells) + " |")
 
     smallest = load_benchmark(str(benches[args.sizes[0]])).id_test
     model = load_checkpoint("fmnist_cnn", "cpu")[0].eval()

@@ -115,7 +115,6 @@ def _files(
 ) -> ImageFiles:
     """One SOURCE as files: labelled when ``num_classes`` is given (ID data), a class folder's
     sub-folders named by ``classes`` when given."""
-    kw = {"pre_size": pre_size}
     src = {"folder": src} if isinstance(src, str) else src
     if "imglist" in src:
         return imglist_files(
@@ -126,14 +125,14 @@ def _files(
             channels,
             labelled=num_classes is not None,
             num_classes=num_classes,
-            **kw,
+            pre_size=pre_size,
         )
     folder = root / src["folder"]
     if not folder.is_dir():
         raise UserError(f"{where}: folder {folder} of {name} does not exist")
     if num_classes is None:
-        return folder_files(folder, name, size, channels, **kw)
-    return class_folder_files(folder, name, size, channels, classes, **kw)[0]
+        return folder_files(folder, name, size, channels, pre_size)
+    return class_folder_files(folder, name, size, channels, classes, pre_size)[0]
 
 
 # --------------------------------------------------------------------------- schema

@@ -180,7 +180,9 @@ def _as_is(batch: tuple) -> tuple:
 # --------------------------------------------------------------------------- naming the files
 
 
-def folder_files(folder: Path, name: str, size: int, channels: int, **kw) -> ImageFiles:
+def folder_files(
+    folder: Path, name: str, size: int, channels: int, pre_size: int | None = None
+) -> ImageFiles:
     """Every image under ``folder`` (recursive, sorted), unlabelled."""
     paths = list_images(folder)
     if not paths:
@@ -188,11 +190,16 @@ def folder_files(folder: Path, name: str, size: int, channels: int, **kw) -> Ima
             f"{folder}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}) found; "
             "put the images there"
         )
-    return ImageFiles(name, paths, None, size, channels, **kw)
+    return ImageFiles(name, paths, None, size, channels, pre_size)
 
 
 def class_folder_files(
-    folder: Path, name: str, size: int, channels: int, classes: Sequence[str] = (), **kw
+    folder: Path,
+    name: str,
+    size: int,
+    channels: int,
+    classes: Sequence[str] = (),
+    pre_size: int | None = None,
 ) -> tuple[ImageFiles, tuple[str, ...]]:
     """torchvision's ImageFolder layout: ``folder/<class>/**/image``. Classes are ``classes``
     in that order when given (every sub-folder must be one of them), else the sorted
@@ -217,7 +224,7 @@ def class_folder_files(
             labels += [label] * len(files)
     if not paths:
         raise UserError(f"{folder}: no image files in its class sub-folders")
-    return ImageFiles(name, paths, labels, size, channels, **kw), names
+    return ImageFiles(name, paths, labels, size, channels, pre_size), names
 
 
 def imglist_files(
@@ -228,7 +235,7 @@ def imglist_files(
     channels: int,
     labelled: bool = True,
     num_classes: int | None = None,
-    **kw,
+    pre_size: int | None = None,
 ) -> ImageFiles:
     """An OpenOOD v1.5 image list: ``relative/path label`` per line, paths relative to
     ``root``. Every line is checked, and every listed file must exist, before any decoding.
@@ -260,4 +267,4 @@ def imglist_files(
             f"{list_file}: {len(missing)} of {len(paths)} listed files are missing under {root} "
             f"(first: {missing[0]}); check the data root"
         )
-    return ImageFiles(name, paths, labels if labelled else None, size, channels, **kw)
+    return ImageFiles(name, paths, labels if labelled else None, size, channels, pre_size)
