@@ -179,6 +179,8 @@ CASES = [
     ("finetune --from {ckpt} --xi inf --out {out}", "--xi must be a finite number > 0"),
     ("finetune --from {ckpt} --xi -1 --out {out}", "--xi must be a finite number > 0"),
     ("finetune --from {ckpt} --xi big --out {out}", "--xi takes estimate, validate or a number"),
+    ("finetune --from {ckpt} --loss ce --out {out}", "--loss and --trains go together"),
+    ("finetune --from {ckpt} --method um --loss ce --trains mask --out {out}", "not both"),
     ("finetune --from {ckpt} --xi 1e-9 --out {out}", "not above the model's own training loss"),
     ("finetune --from {ckpt} --keep 0 --out {out}", "--keep"),
     ("finetune --from {ckpt} --keep 1.5 --out {out}", "--keep"),

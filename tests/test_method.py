@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import subprocess
 from functools import partial
 
 import pytest
 import torch
 
-from conftest import finetune_argv
+from conftest import TORCHRUN, finetune_argv
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.evaluate import evaluate
@@ -79,18 +81,33 @@ def test_estimate_is_seeded_and_above_the_models_loss(tiny_benchmark, tiny_check
     assert a.xi > a.train_loss and not a.is_noop
 
 
-@pytest.mark.parametrize("method", ["ce", "um", "umap"])
-def test_finetune_command(capsys, fmnist_dir, tiny_checkpoint, tmp_path, method) -> None:
+@pytest.mark.parametrize(
+    ("method", "loss", "trains"),
+    [
+        ("ce", "ce", "weights"),
+        ("um", "um", "weights"),
+        ("umap", "um", "mask"),
+        ("mask-ce", "ce", "mask"),
+    ],
+)
+def test_finetune_command(
+    capsys, fmnist_dir, tiny_checkpoint, tmp_path, method, loss, trains
+) -> None:
     out = tmp_path / method
-    args = ["--method", method, "--n-masks", "2"]
-    code = main(finetune_argv(fmnist_dir, tiny_checkpoint, out, *args))
+    how = ["--method", method] if method != "mask-ce" else ["--loss", loss, "--trains", trains]
+    code = main(finetune_argv(fmnist_dir, tiny_checkpoint, out, *how, "--n-masks", "2"))
     assert code == 0, capsys.readouterr().err
     xi = json.loads((out / "xi.json").read_text())
-    assert (xi["xi"] is None) == (method == "ce")
+    assert (xi["xi"] is None) == (loss == "ce")
     final, meta = load_checkpoint(out / "checkpoints" / "final")
     assert meta["finetune"]["method"] == method
+    assert (out / "sparsity.json").exists() == (trains == "mask")
     start, _ = load_checkpoint(tiny_checkpoint)
-    assert not torch.equal(final.head.weight, start.head.weight)
+    changed = ~torch.isclose(final.head.weight, start.head.weight)
+    if trains == "mask":  # only zeros: a learned mask drops pretrained weights, never moves one
+        assert changed.any() and (final.head.weight[changed] == 0).all()
+    else:
+        assert changed.any()
 
 
 def test_finetune_refuses_a_noop_constraint(capsys, fmnist_dir, tiny_checkpoint, tmp_path) -> None:
@@ -190,5 +207,30 @@ def test_finetune_validate_picks_xi_on_validation_data(
     # --track follows the chosen run's epochs into this run's track.csv
     with open(out / "track.csv") as f:
         assert {int(r["epoch"]) for r in csv.DictReader(f)} == {1}
+    _, meta = load_checkpoint(out / "checkpoints" / "final")
+    assert meta["finetune"]["xi"] == choice["xi"]
+
+
+def test_torchrun_validate_waits_for_the_main_process(
+    fmnist_dir, tiny_checkpoint, tmp_path
+) -> None:
+    """Two processes: each candidate's final model is read only after the main process wrote
+    it (it used to be read too early by the other process), and only the main one writes."""
+    out = tmp_path / "validate"
+    args = ["--method", "um", "--xi", "validate", "--xi-grid", "1,2", "--n-masks", "2"]
+    argv = finetune_argv(fmnist_dir, tiny_checkpoint, out, *args)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    done = subprocess.run(
+        [*TORCHRUN, "-m", "unleash_ood", *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    choice = json.loads((out / "xi.json").read_text())
+    assert choice["source"] == "validate" and len(choice["grid"]) == 2
+    assert json.loads((out / "config.json").read_text())["processes"] == 2
     _, meta = load_checkpoint(out / "checkpoints" / "final")
     assert meta["finetune"]["xi"] == choice["xi"]

@@ -24,6 +24,7 @@ from unleash_ood.method.constraint import um_loss
 from unleash_ood.method.doe import Perturbation, frozen_bn_stats, surrogate_direction
 from unleash_ood.method.finetune import FinetuneSpec, finetune, finetune_recipe
 from unleash_ood.method.outliers import (
+    OUTLIER_METHODS,
     OutlierObjective,
     OutlierSpec,
     energy_margin_loss,
@@ -105,7 +106,7 @@ def test_outlier_batches_cycle_through_a_seeded_permutation() -> None:
     _, _, aux = small_sets(n_aux=10)
     objective = OutlierObjective(OutlierSpec(aux_ratio=0.5), aux, None, 8, 1, "none", 3)
     objective.start_epoch(0, linear_model())
-    seen = torch.cat([objective.next_outliers(torch.device("cpu")) for _ in range(5)])
+    seen = torch.cat([objective.stream.next(torch.device("cpu")) for _ in range(5)])
     assert seen.shape == (20, 1, 4, 4)
     first, second = seen[:10].flatten(1), seen[10:].flatten(1)
     assert {tuple(r.tolist()) for r in first} == {tuple(r.tolist()) for r in second}
@@ -309,3 +310,14 @@ def test_doe_under_torchrun_agrees_with_one_process(fmnist_dir, tiny_checkpoint,
     b, _ = load_checkpoint(tmp_path / "ddp" / "checkpoints" / "final")
     w_a, w_b = a.head.weight, b.head.weight
     assert (w_a - w_b).norm() / w_a.norm() < 0.1
+
+
+def test_every_outlier_method_is_one_registered_class() -> None:
+    from unleash_ood.method import OUTLIER_OBJECTIVES
+
+    assert set(OUTLIER_OBJECTIVES) == set(OUTLIER_METHODS)
+    assert all(issubclass(cls, OutlierObjective) for cls in OUTLIER_OBJECTIVES.values())
+    _, _, aux = small_sets()
+    for method in ("oe", "energy", "doe"):  # the earlier constructor builds the method's class
+        objective = OutlierObjective(OutlierSpec(method=method), aux, None, 4, 1, "none", 0)
+        assert type(objective) is OUTLIER_OBJECTIVES[method]

@@ -20,6 +20,7 @@ from unleash_ood.errors import UserError
 from unleash_ood.method.atypical import Atypicality, precision_at_k
 from unleash_ood.rng import numpy_rng, torch_generator
 from unleash_ood.specs import (
+    METHODS,
     PAPER_RECIPE,
     RECIPES,
     FinetuneSpec,
@@ -27,6 +28,7 @@ from unleash_ood.specs import (
     Recipe,
     default_recipe_name,
     finetune_recipe,
+    method_named,
 )
 
 
@@ -210,3 +212,33 @@ def test_detector_kinds_of_the_parser_match_the_trainer() -> None:
     from unleash_ood.specs import DETECTOR_KINDS
 
     assert tuple(DEFAULT_RECIPES) == DETECTOR_KINDS
+
+
+def test_a_method_is_a_loss_times_what_trains() -> None:
+    parts = {m: (FinetuneSpec(method=m).loss, FinetuneSpec(method=m).trains) for m in METHODS}
+    assert parts == {
+        "um": ("um", "weights"),
+        "umap": ("um", "mask"),
+        "ce": ("ce", "weights"),
+        "mask-ce": ("ce", "mask"),
+    }
+    assert all(method_named(*p) == m for m, p in parts.items())
+    with pytest.raises(UserError, match="--loss takes um or ce"):
+        method_named("mse", "weights")
+
+
+def test_training_flags_are_built_from_the_specs_fields() -> None:
+    """Each Recipe / FinetuneSpec knob has its flag, with the field's default and help."""
+    import dataclasses
+
+    from unleash_ood.cli import FINETUNE_FLAGS, RECIPE_FLAGS, build_parser
+
+    finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
+    flags = {a.dest: a for a in finetune._actions}
+    for spec, names in ((Recipe, RECIPE_FLAGS), (FinetuneSpec, FINETUNE_FLAGS)):
+        for f in dataclasses.fields(spec):
+            if f.metadata.get("help"):
+                assert f.name in names, f"{spec.__name__}.{f.name} has no flag"
+                assert flags[f.name].help.startswith(f.metadata["help"].replace("%", "%%"))
+    assert flags["n_masks"].default == FinetuneSpec().n_masks
+    assert flags["epochs"].default is None  # finetune: the --recipe's value unless given

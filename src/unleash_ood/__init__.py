@@ -25,6 +25,8 @@ _EXPORTS = {
     "save_checkpoint": "unleash_ood.checkpoint",
     "create_model": "unleash_ood.models",
     "HeadSplit": "unleash_ood.models",
+    "load_model": "unleash_ood.models",
+    "Preprocess": "unleash_ood.models",
     "make_scorer": "unleash_ood.scores",
     "Recipe": "unleash_ood.specs",
     "FinetuneSpec": "unleash_ood.specs",

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from unleash_ood.errors import UserError
 from unleash_ood.models import Classifier, create_model
 from unleash_ood.models.masked import apply_umap
+from unleash_ood.models.watermark import Watermarked
 
 FORMAT = "unleash-ood/1"
 SHIPPED_DIR = Path(__file__).resolve().parent / "weights"
@@ -129,6 +130,15 @@ def save_checkpoint(
     return weights
 
 
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file (which runs no code), or a one-line error when the
+    file is missing, truncated or not safetensors at all."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e})") from e
+
+
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of checkpoint ``path``, checked against the schema (it is untrusted input)."""
     weights, sidecar = checkpoint_paths(path)
@@ -180,6 +190,7 @@ def check_sidecar(meta: Any, sidecar: Path) -> None:
             ("mean", _numbers(meta.get("mean"), meta.get("in_channels"))),
             ("std", _numbers(meta.get("std"), meta.get("in_channels"))),
             ("umap", isinstance(meta.get("umap", {}), dict | type(None))),
+            ("watermark", isinstance(meta.get("watermark", {}), dict | type(None))),
         ]
     problems = [key for key, ok in checks if not ok]
     if not problems and any(x <= 0 for x in meta.get("std", ())):
@@ -211,6 +222,9 @@ def build_model(meta: dict[str, Any]) -> Classifier:
         ) from e
     if meta.get("umap"):
         apply_umap(model, **meta["umap"])
+    if meta.get("watermark"):  # an input pattern learned by 'unleash watermark'
+        size = meta["input_size"]
+        model = Watermarked(model, torch.zeros(meta["in_channels"], size, size))
     return model
 
 
@@ -244,10 +258,7 @@ def load_checkpoint(
             f"{'x'.join(map(str, input_shape))}; use a checkpoint for this benchmark"
         )
     model = build_model(meta)
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise UserError(f"{weights} is not a readable safetensors file ({e})") from e
+    state = read_tensors(weights)
     missing, unexpected = (
         sorted(set(model.state_dict()) - set(state)),
         sorted(set(state) - set(model.state_dict())),

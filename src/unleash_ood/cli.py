@@ -3,27 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import sys
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from unleash_ood.errors import UserError
-from unleash_ood.rundir import append_log, check_out, check_writable
+from unleash_ood.rundir import append_log, check_out, check_writable, holds_files, out_lock
 from unleash_ood.specs import (
     DEFAULT_WEIGHT,
     DETECTOR_KINDS,
+    LOSSES,
     METHODS,
     OUTLIER_METHODS,
     RECIPES,
-    XI_REDUCTIONS,
+    TRAINS,
+    WATERMARK_DEFAULTS,
+    WATERMARK_SCORES,
     FinetuneSpec,
     OutlierSpec,
     Recipe,
+    WatermarkSpec,
     default_recipe_name,
     finetune_recipe,
+    method_named,
 )
 
 # Every sub-command's handler imports what it needs (PyTorch included) when it runs, so that
@@ -77,9 +85,8 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from unleash_ood.checkpoint import load_checkpoint
     from unleash_ood.data import load_benchmark
-    from unleash_ood.device import resolve_device
+    from unleash_ood.device import autocast_dtype, init_distributed, resolve_device
     from unleash_ood.evaluate import evaluate
     from unleash_ood.report import LEGEND, evaluation_markdown, ranking_markdown, write_evaluation
     from unleash_ood.scores import parse_scorer_list
@@ -89,6 +96,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     check_out(out)
     if args.cache and Path(args.cache).exists() and not Path(args.cache).is_dir():
         raise UserError(f"--cache {args.cache} is a file; give a folder for the cached outputs")
+    _check_model_args(args)
     scorers = parse_scorer_list(args.scores)  # fail on a bad name before any heavy work
     if args.grid and not args.tune:
         raise UserError("--grid sets the search of --tune; add --tune")
@@ -98,9 +106,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     for name, grid in (grids or {}).items():
         check_grid(name, grid)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
-    device = resolve_device(args.device)
+    ctx, device = init_distributed(resolve_device(args.device))
+    autocast_dtype(args.autocast, device)
     bench = load_benchmark(args.benchmark, args.data_dir)
-    model, meta = load_checkpoint(args.checkpoint, device, bench.num_classes, bench.image_shape)
+    model, meta, model_name = _evaluation_model(args, bench, device)
     ev = evaluate(
         model,
         bench,
@@ -112,16 +121,24 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         progress=not args.no_progress,
         tune=args.tune,
         grids=grids,
+        autocast=args.autocast,
         workers=args.workers,
         fit_samples=args.fit_samples,
         seed=args.seed,
         cache_fp16=args.cache_fp16,
     )
+    if not ctx.main:  # under torchrun every process has the metrics; one writes them
+        return
     write_evaluation(
         ev,
         out,
-        config={**_config(args), "checkpoint_meta": meta, "sizes": bench.sizes()},
-        model=args.checkpoint,
+        config={
+            **_config(args),
+            "checkpoint_meta": meta,
+            "sizes": bench.sizes(),
+            "processes": ctx.world,
+        },
+        model=model_name,
     )
     if len(ev.scorers()) > 1:
         accuracy = ", ".join(f"{k} accuracy {100 * v:.2f}" for k, v in ev.accuracy.items())
@@ -131,9 +148,49 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         )
     else:
         summary = evaluation_markdown(ev, summary_only=True)
-    append_log(out, f"unleash evaluate --checkpoint {args.checkpoint}\n{summary}")
+    given = f"--checkpoint {args.checkpoint}" if args.checkpoint else f"--model {args.model}"
+    append_log(out, f"unleash evaluate {given}\n{summary}")
     print(summary)
     print(f"Full tables and plots in {out}/")
+
+
+# Flags that describe a model given by --model (a torchvision/timm architecture), not a checkpoint.
+_OWN_MODEL_FLAGS = ("weights", "head", "class_map", "resize", "crop", "gray_to_rgb")
+
+
+def _check_model_args(args: argparse.Namespace) -> None:
+    """--model needs --weights; the own-model flags mean nothing with --checkpoint."""
+    if args.model and args.weights is None:
+        raise UserError(f"--model {args.model} needs --weights FILE (or --weights none)")
+    if args.checkpoint:
+        given = [f for f in _OWN_MODEL_FLAGS if getattr(args, f) not in (None, False)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UserError(f"{flag} goes with --model; a --checkpoint carries its own settings")
+    if args.class_map and not Path(args.class_map).is_file():
+        raise UserError(f"--class-map {args.class_map} does not exist; give a JSON file")
+
+
+def _evaluation_model(args: argparse.Namespace, bench, device) -> tuple:
+    """(model, what config.json records about it, its name for plots) from --checkpoint or
+    from --model/--weights, checked against the benchmark's classes and images."""
+    if args.checkpoint:
+        from unleash_ood.checkpoint import load_checkpoint
+
+        model, meta = load_checkpoint(args.checkpoint, device, bench.num_classes, bench.image_shape)
+        return model, meta, args.checkpoint
+    from unleash_ood.models import Preprocess, load_model
+
+    model = load_model(
+        args.model,
+        args.weights,
+        num_classes=bench.num_classes,
+        input_shape=bench.image_shape,
+        head=args.head,
+        class_map=args.class_map,
+        preprocess=Preprocess(args.resize, args.crop, args.gray_to_rgb),
+    )
+    return model, model.source, args.model
 
 
 def _model_kwargs(pairs: list[str]) -> dict:
@@ -230,53 +287,34 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         )
 
 
+_FLAG_TYPES = {"int": int, "float": float, "str": str}
+
+
+def _add_spec_flags(p: argparse.ArgumentParser, spec, names: Sequence[str], defaults) -> None:
+    """One ``--field-name`` flag per field of the spec dataclass ``spec`` in ``names``, from the
+    field's type and :func:`~unleash_ood.specs.knob` metadata. ``defaults`` is an instance
+    whose values the flags default to, or None when a named recipe supplies every value a
+    flag does not set (``finetune --recipe``)."""
+    fields = {f.name: f for f in dataclasses.fields(spec)}
+    for name in names:
+        f = fields[name]
+        default = None if defaults is None else getattr(defaults, name)
+        text = f.metadata["help"].replace("%", "%%")
+        if defaults is None:
+            text += " (default: the --recipe's value)"
+        kwargs = {"default": default, "help": text}
+        if f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.type == "tuple[float, ...]":
+            kwargs.update(type=number_list, default=",".join(map(str, default)))
+        else:
+            kwargs.update(type=_FLAG_TYPES[f.type], choices=f.metadata["choices"])
+        p.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
 def _add_recipe_args(p: argparse.ArgumentParser, defaults) -> None:
-    """Optimisation flags shared by the training commands. ``defaults`` is a Recipe, or None
-    when a named recipe supplies every value a flag does not set (``finetune --recipe``)."""
-
-    def default(name: str):
-        return None if defaults is None else getattr(defaults, name)
-
-    def helped(text: str) -> str:
-        return text if defaults is not None else f"{text} (default: the --recipe's value)"
-
-    p.add_argument(
-        "--seed", type=int, default=default("seed"), help=helped("random seed of the run")
-    )
-    p.add_argument(
-        "--save-every",
-        type=int,
-        default=default("save_every"),
-        help=helped("checkpoint every k epochs"),
-    )
-    p.add_argument("--epochs", type=int, default=default("epochs"), help=helped("epochs to train"))
-    p.add_argument(
-        "--batch-size", type=int, default=default("batch_size"), help=helped("global batch")
-    )
-    p.add_argument("--lr", type=float, default=default("lr"), help=helped("peak learning rate"))
-    p.add_argument(
-        "--momentum", type=float, default=default("momentum"), help=helped("SGD momentum")
-    )
-    p.add_argument(
-        "--nesterov",
-        action=argparse.BooleanOptionalAction,
-        default=default("nesterov"),
-        help=helped("Nesterov momentum"),
-    )
-    p.add_argument(
-        "--weight-decay",
-        type=float,
-        default=default("weight_decay"),
-        help=helped("L2 weight decay"),
-    )
-    p.add_argument(
-        "--schedule",
-        default=default("schedule"),
-        help=helped("step (/10 at 50%% and 75%% of the epochs), cosine or constant"),
-    )
-    p.add_argument(
-        "--augment", default=default("augment"), help=helped("none, flip, crop, crop+flip")
-    )
+    """Optimisation flags shared by the training commands (see :func:`_add_spec_flags`)."""
+    _add_spec_flags(p, Recipe, RECIPE_FLAGS, defaults)
 
 
 RECIPE_FLAGS = (
@@ -291,6 +329,15 @@ RECIPE_FLAGS = (
     "seed",
     "save_every",
 )
+FINETUNE_FLAGS = (
+    "n_masks",
+    "mask_fraction",
+    "xi_reduction",
+    "xi_grid",
+    "acc_tolerance",
+    "keep",
+    "train_weights",
+)
 
 
 def _recipe_from(args: argparse.Namespace, base=None, **fixed):
@@ -302,6 +349,9 @@ def _recipe_from(args: argparse.Namespace, base=None, **fixed):
 
 def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
     if args.outliers is None:
+        wild = (args.wild, args.wild_margin, args.wild_shift)
+        if any(v is not None for v in wild) or args.wild_pi != OutlierSpec.wild_pi:
+            raise UserError("--wild and its flags need --outliers woods or scone")
         return None
     return OutlierSpec(
         method=args.outliers,
@@ -313,7 +363,22 @@ def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
         m_out=args.m_out,
         poem_keep=args.poem_keep,
         doe_warmup=args.doe_warmup,
+        wild=args.wild,
+        wild_pi=args.wild_pi,
+        wild_margin=args.wild_margin,
+        wild_shift=args.wild_shift,
     )
+
+
+def _method(args: argparse.Namespace) -> str:
+    """``--method``, or the method that ``--loss`` x ``--trains`` names."""
+    if args.loss is None and args.trains is None:
+        return args.method or FinetuneSpec().method
+    if args.loss is None or args.trains is None:
+        raise UserError("--loss and --trains go together (or use --method alone)")
+    if args.method is not None:
+        raise UserError("give either --method or --loss with --trains, not both")
+    return method_named(args.loss, args.trains)
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
@@ -325,20 +390,15 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     check_writable(Path(args.out))
     start = read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
     spec = FinetuneSpec(
-        method=args.method,
+        method=_method(args),
         xi=args.xi,
-        keep=args.keep,
-        train_weights=args.train_weights,
-        n_masks=args.n_masks,
-        mask_fraction=args.mask_fraction,
-        xi_reduction=args.xi_reduction,
-        xi_grid=args.xi_grid,
         outliers=_outlier_spec(args),
+        **{name: getattr(args, name) for name in FINETUNE_FLAGS},
     )
     recipe_name = args.recipe or default_recipe_name(spec.outliers is not None)
     recipe = _recipe_from(
         args,
-        finetune_recipe(args.method, recipe_name),
+        finetune_recipe(spec.method, recipe_name),
         model=start["architecture"],
         model_kwargs=start.get("model_kwargs", {}),
     )
@@ -363,9 +423,71 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         xi += f"; per mask {per_mask}, {choice.estimate.get('reduction', 'mean')} taken"
     with_oe = f" and {args.outliers} outlier exposure" if args.outliers else ""
     print(
-        f"fine-tuned with {args.method}{with_oe} (recipe {recipe_name}: {recipe.epochs} epochs, "
+        f"fine-tuned with {spec.method}{with_oe} (recipe {recipe_name}: {recipe.epochs} epochs, "
         f"lr {recipe.lr} {recipe.schedule}), xi {xi}; final model: {final}.safetensors"
     )
+
+
+def cmd_watermark(args: argparse.Namespace) -> None:
+    from unleash_ood.checkpoint import read_sidecar
+    from unleash_ood.data import load_benchmark
+    from unleash_ood.device import resolve_device
+    from unleash_ood.method.watermark import run_watermark
+
+    out = Path(args.out)
+    check_out(out)
+    read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
+    spec = WatermarkSpec(
+        score=args.score,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        alpha=args.alpha,
+        sigma=args.sigma,
+        rho=args.rho,
+        beta=args.beta,
+        t_in=args.t_in,
+        t_out=args.t_out,
+        seed=args.seed,
+    )
+    device = resolve_device(args.device)
+    bench = load_benchmark(args.benchmark, args.data_dir)
+    final = run_watermark(bench, args.from_, spec, out, device, progress=not args.no_progress)
+    print(
+        f"learned a {spec.score} watermark in {spec.epochs} epochs; watermarked model: "
+        f"{final}.safetensors (evaluate it with 'unleash evaluate --checkpoint {final}'); "
+        f"pattern in {out}/watermark.safetensors and watermark.png"
+    )
+
+
+def _add_watermark_parser(sub) -> None:
+    d = WatermarkSpec()
+    p = sub.add_parser(
+        "watermark", help="learn an input pattern that makes a frozen model a better detector"
+    )
+    p.add_argument("--from", dest="from_", required=True, metavar="CKPT", help="frozen model")
+    p.add_argument(
+        "--score", choices=WATERMARK_SCORES, default=d.score, help="the score the pattern serves"
+    )
+    p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the data")
+    p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="ID per step")
+    p.add_argument("--alpha", type=float, default=d.alpha, help="signed step size")
+    for name, text in (
+        ("sigma", "std of the Gaussian noise the pattern learns to reject"),
+        ("rho", "radius of the sharpness-aware perturbation"),
+        ("beta", "weight of the outlier term"),
+        ("t_in", "energy: scale of the ID penalty"),
+        ("t_out", "energy: scale of the noise penalty"),
+    ):
+        per_score = ", ".join(f"{k} {v[name]}" for k, v in WATERMARK_DEFAULTS.items())
+        p.add_argument(
+            f"--{name.replace('_', '-')}", type=float, default=None, help=f"{text} ({per_score})"
+        )
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of shuffling, flips and noise")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines")
+    _add_data_args(p)
+    p.set_defaults(func=cmd_watermark)
 
 
 def cmd_atypical(args: argparse.Namespace) -> None:
@@ -428,7 +550,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from unleash_ood.device import resolve_device
 
     out = Path(args.out or time.strftime("unleash-demo-%Y%m%d-%H%M%S"))
-    if out.exists() and any(out.iterdir()):
+    if holds_files(out):
         raise UserError(f"{out} is not empty; choose another --out")
     if args.quick and args.train:
         raise UserError("--quick already retrains (with the quick recipe); pass one of the two")
@@ -458,7 +580,8 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--outliers",
         choices=OUTLIER_METHODS,
-        help="add an outlier term: oe, energy (Energy-OE), poem, doe; the ID term stays "
+        help="add an outlier term: oe, energy (Energy-OE), poem, doe, or woods/scone (from an "
+        "unlabeled wild mix, see --wild); the ID term stays "
         "--method's (ce, or the UM loss)",
     )
     g.add_argument(
@@ -495,6 +618,28 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=d.doe_warmup,
         help="doe: fraction of epochs trained with plain OE before perturbing",
+    )
+    g.add_argument(
+        "--wild",
+        default=None,
+        metavar="SOURCE",
+        help="woods/scone: outliers of the unlabeled wild mix, any --aux source (default: "
+        "bundled); the mix's composition goes to wild.json",
+    )
+    g.add_argument(
+        "--wild-pi", type=float, default=d.wild_pi, help="woods/scone: outlier fraction of the mix"
+    )
+    g.add_argument(
+        "--wild-margin",
+        type=float,
+        default=None,
+        help="woods/scone: energy margin eta of the wild term (default: woods 0, scone -10)",
+    )
+    g.add_argument(
+        "--wild-shift",
+        type=float,
+        default=None,
+        help="woods/scone: covariate-shifted ID fraction of the mix (default: woods 0, scone 0.5)",
     )
 
 
@@ -660,6 +805,39 @@ def _add_detector_commands(sub) -> None:
     p.set_defaults(func=cmd_detector_evaluate)
 
 
+def _add_own_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``evaluate --model``: weights, head, class map and the model's preprocessing."""
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="with --model: a .safetensors or .pth state dict, or none for random weights",
+    )
+    p.add_argument(
+        "--head", default=None, help="with --model: the final nn.Linear (default: found)"
+    )
+    p.add_argument(
+        "--class-map",
+        default=None,
+        metavar="JSON",
+        help='with --model: {"<benchmark class>": <model output>, ...} for a head of other '
+        "classes (e.g. ImageNet's 1000)",
+    )
+    p.add_argument(
+        "--resize",
+        type=positive_int,
+        default=None,
+        help="with --model: resize images so their shorter side has this many pixels",
+    )
+    p.add_argument(
+        "--crop", type=positive_int, default=None, help="with --model: then centre-crop this size"
+    )
+    p.add_argument(
+        "--gray-to-rgb",
+        action="store_true",
+        help="with --model: repeat a grey image's channel for an RGB model",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="unleash",
@@ -673,8 +851,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None, help="folder holding datasets")
     p.set_defaults(func=cmd_datasets)
 
-    p = sub.add_parser("evaluate", help="score a checkpoint on a benchmark with post-hoc scorers")
-    p.add_argument("--checkpoint", required=True, help="checkpoint (.safetensors + .json sidecar)")
+    p = sub.add_parser(
+        "evaluate", help="score a checkpoint or your own model on a benchmark with post-hoc scorers"
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--checkpoint", help="checkpoint (.safetensors + .json sidecar)")
+    which.add_argument(
+        "--model",
+        metavar="SOURCE:NAME",
+        help="your own classifier instead: torchvision:NAME or timm:NAME, with --weights",
+    )
+    _add_own_model_args(p)
     p.add_argument("--scores", default="msp,energy", help="comma-separated scorer names, or 'all'")
     p.add_argument("--splits", default="test", help="OOD splits to report: test, val or val,test")
     p.add_argument("--out", required=True, help="run directory for tables and plots")
@@ -708,6 +895,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the --fit-samples draw")
     _add_data_args(p)
     _add_run_args(p)
+    p.add_argument(
+        "--autocast",
+        choices=("none", "bf16", "fp16"),
+        default="none",
+        help="mixed precision of the forward pass: bf16, fp16 (GPU only) or none (float32)",
+    )
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("pretrain", help="train a classifier from scratch, checkpointing each epoch")
@@ -748,9 +941,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--method",
-        default=d.method,
+        default=None,
         choices=METHODS,
-        help="um (loss constraint), umap (learned mask + constraint), ce (control)",
+        help=f"um (loss constraint), umap (learned mask + constraint), ce (control), mask-ce "
+        f"(learned mask, plain CE); or give --loss and --trains (default: {d.method})",
+    )
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default=None,
+        help="the ID loss, with --trains instead of --method: ce, or um (the loss constraint)",
+    )
+    p.add_argument(
+        "--trains",
+        choices=TRAINS,
+        default=None,
+        help="what fine-tuning changes, with --loss: the weights, or a learned mask over them",
     )
     p.add_argument(
         "--xi",
@@ -758,35 +964,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="loss constraint: estimate (random-mask estimate), validate (grid on "
         "OOD validation data) or a number",
     )
-    p.add_argument(
-        "--n-masks", type=int, default=d.n_masks, help="random masks averaged for --xi estimate"
-    )
-    p.add_argument(
-        "--mask-fraction",
-        type=float,
-        default=d.mask_fraction,
-        help="fraction of weights zeroed per layer for the estimate",
-    )
-    p.add_argument(
-        "--xi-reduction",
-        choices=XI_REDUCTIONS,
-        default=d.xi_reduction,
-        help="how the per-mask values of --xi estimate combine into xi",
-    )
-    p.add_argument(
-        "--xi-grid",
-        type=number_list,
-        default=",".join(map(str, d.xi_grid)),
-        help="multiples of the estimate tried by --xi validate",
-    )
-    p.add_argument(
-        "--keep", type=float, default=d.keep, help="UMAP: fraction of weights kept per layer"
-    )
-    p.add_argument(
-        "--train-weights",
-        action="store_true",
-        help="UMAP: train the weights as well as the mask scores",
-    )
+    _add_spec_flags(p, FinetuneSpec, FINETUNE_FLAGS, d)
     _add_outlier_args(p)
     p.add_argument(
         "--recipe",
@@ -847,6 +1025,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_track)
 
+    _add_watermark_parser(sub)
     _add_detector_commands(sub)
     return parser
 
@@ -854,16 +1033,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        with _run_folder_lock(args):
+            args.func(args)
     except UserError as e:
         print(f"unleash {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"unleash {args.command}: interrupted", file=sys.stderr)
+        hint = "; rerun it with --resume to continue from the last saved epoch"
+        hint = hint if _resumable(args) else ""
+        print(f"unleash {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     finally:
         _leave_process_group()
     return 0
+
+
+def _run_folder_lock(args: argparse.Namespace) -> AbstractContextManager:
+    """The lock on ``--out`` for commands that write one; under torchrun rank 0 holds it."""
+    out = getattr(args, "out", None)
+    if out is None or os.environ.get("RANK", "0") != "0":
+        return nullcontext()
+    return out_lock(Path(out))
+
+
+def _resumable(args: argparse.Namespace) -> bool:
+    """Whether the interrupted command saves epochs that ``--resume`` continues from."""
+    return hasattr(args, "resume") and getattr(args, "out", None) is not None
 
 
 def _leave_process_group() -> None:

@@ -33,6 +33,7 @@ from unleash_ood.method.constraint import estimate_loss_constraint
 from unleash_ood.method.finetune import noop_error, run_finetune
 from unleash_ood.metrics import METRIC_NAMES
 from unleash_ood.report import LEGEND, markdown_table, plot_histograms, save_figure
+from unleash_ood.rng import torch_generator
 from unleash_ood.specs import FinetuneSpec, finetune_recipe
 
 SHIPPED = "fmnist_cnn"
@@ -69,7 +70,7 @@ class DemoPlan:
 def _with_subset(bench: Benchmark, n: int | None, seed: int = 0) -> Benchmark:
     if n is None or n >= len(bench.id_train):
         return bench
-    index = torch.randperm(len(bench.id_train), generator=torch.Generator().manual_seed(seed))[:n]
+    index = torch.randperm(len(bench.id_train), generator=torch_generator(seed, "demo-subset"))[:n]
     return replace(bench, id_train=bench.id_train.subset(index))
 
 

@@ -3,6 +3,10 @@
 Non-gradient scorers all work from the same :class:`Outputs` (penultimate features and logits),
 so each dataset costs one forward pass however many of them are asked for. Only gradient
 scorers (ODIN) go back to the model, batch by batch.
+
+Under ``torchrun`` (any process group joined before the evaluator is made) each process
+forwards one contiguous shard of every dataset and the shards are gathered in order on every
+process, so all of them hold the same outputs and compute the same metrics as one process.
 """
 
 from __future__ import annotations
@@ -16,10 +20,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from unleash_ood.data.base import Benchmark, ImageData
 from unleash_ood.data.noise import stratified_subset
-from unleash_ood.device import prepare_model, resolve_device, to_device
+from unleash_ood.device import (
+    Dist,
+    autocast_dtype,
+    current_dist,
+    prepare_model,
+    resolve_device,
+    to_device,
+)
 from unleash_ood.errors import UserError
 from unleash_ood.metrics import METRIC_NAMES, accuracy, ood_metrics
 from unleash_ood.models import Classifier
@@ -52,6 +64,47 @@ def model_scores(
         for x, _ in progress_batches(data, batch_size, desc, progress, workers, device)
     ]
     return torch.cat(parts)
+
+
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """``[start, end)`` of process ``rank``'s contiguous shard of ``n`` samples; shard sizes
+    differ by at most one, the larger ones first."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+def gather_rows(part: torch.Tensor, n: int, ctx: Dist, device: torch.device) -> torch.Tensor:
+    """Every process's shard (rows, as :func:`shard_bounds` cuts them) concatenated in rank
+    order, on the CPU of every process. Shards are padded to one size for ``all_gather``;
+    NCCL sends them from ``device``, gloo from the CPU."""
+    sizes = [b - a for a, b in (shard_bounds(n, r, ctx.world) for r in range(ctx.world))]
+    where = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    padded = torch.zeros((max(sizes), *part.shape[1:]), dtype=part.dtype, device=where)
+    padded[: len(part)] = part
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:k] for g, k in zip(gathered, sizes, strict=True)]).cpu()
+
+
+def check_fits(model: Classifier, benchmark: Benchmark) -> None:
+    """Refuse a model whose head or input channels do not match the benchmark's data (a
+    1000-class head on 10 classes, 3-channel statistics broadcast over grey images) before
+    any work, instead of metrics computed from the wrong outputs."""
+    classes = model.head.out_features
+    if classes != benchmark.num_classes:
+        raise UserError(
+            f"the model predicts {classes} classes but {benchmark.name} has "
+            f"{benchmark.num_classes}; use a model of this benchmark's classes (for your own "
+            "model, a class map: unleash_ood.load_model(..., class_map=...))"
+        )
+    channels = benchmark.image_shape[0]
+    takes = getattr(model, "in_channels", channels)  # a Classifier's; any module with a head
+    if takes != channels:
+        raise UserError(
+            f"the model takes {takes}-channel images but {benchmark.name}'s have "
+            f"{channels}; use a model made for them"
+        )
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -225,18 +278,22 @@ class Evaluator:
         batch_size: int = 512,
         cache_dir: str | Path | None = None,
         progress: bool = True,
+        autocast: str = "none",
         workers: int = 0,
         fit_samples: int | None = None,
         seed: int = 0,
         cache_fp16: bool = False,
     ):
+        check_fits(model, benchmark)
         self.device = resolve_device(device) if isinstance(device, str) else device
+        self.autocast = autocast_dtype(autocast, self.device)
         self.model = prepare_model(model, self.device).eval()
         self.benchmark = benchmark
         self.scorers = parse_scorer_list(scorers) if isinstance(scorers, str) else list(scorers)
         self.batch_size = batch_size
         self.cache = OutputCache(cache_dir, model, cache_fp16) if cache_dir else None
-        self.progress = progress
+        self.dist = current_dist()
+        self.progress = progress and self.dist.main
         self.workers, self.fit_samples, self.seed = workers, fit_samples, seed
         self._outputs: dict[str, Outputs] = {}
 
@@ -247,20 +304,50 @@ class Evaluator:
             disk_key = f"{key}-{data.fingerprint()}" if self.cache else key
             out = self.cache.get(disk_key) if self.cache else None
             if out is None:
-                out = forward_outputs(
-                    self.model, data, self.device, self.batch_size, self.progress, self.workers
-                )
-                if self.cache:
+                out = self._forward(data)
+                if self.cache and self.dist.main:
                     self.cache.put(disk_key, out)
             self._outputs[key] = out
         return self._outputs[key]
+
+    def _shard(self, data: ImageData) -> ImageData:
+        start, end = shard_bounds(len(data), self.dist.rank, self.dist.world)
+        return data.subset(torch.arange(start, end))
+
+    def _forward(self, data: ImageData) -> Outputs:
+        """The outputs of ``data``: one forward pass, or this process's shard of it gathered
+        with the others' under torchrun."""
+        args = (self.device, self.batch_size, self.progress, self.autocast, self.workers)
+        if self.dist.world == 1 or not len(data):
+            return forward_outputs(self.model, data, *args)
+        part = self._shard(data)
+        if len(part):
+            out = forward_outputs(self.model, part, *args)
+            features, logits = out.features, out.logits
+        else:  # more processes than samples
+            features = torch.empty(0, self.model.head.in_features)
+            logits = torch.empty(0, self.model.head.out_features)
+        n = len(data)
+        return Outputs(
+            gather_rows(features, n, self.dist, self.device),
+            gather_rows(logits, n, self.dist, self.device),
+            data.labels.clone(),
+        )
 
     def reuse_outputs(self, other: Evaluator) -> None:
         """Take the outputs ``other`` computed (same model), sparing their forward passes."""
         self._outputs.update(other._outputs)
 
     def _scores(self, scorer: Scorer, key: str, data: ImageData) -> np.ndarray:
-        if scorer.needs_model:
+        if scorer.needs_model and self.dist.world > 1:
+            part = self._shard(data)
+            s = torch.empty(0, dtype=torch.float64)
+            if len(part):
+                s = model_scores(
+                    scorer, self.model, part, self.device, self.batch_size, workers=self.workers
+                ).double()
+            s = gather_rows(s, len(data), self.dist, self.device)
+        elif scorer.needs_model:
             s = model_scores(
                 scorer,
                 self.model,

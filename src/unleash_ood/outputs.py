@@ -77,6 +77,7 @@ def forward_outputs(
     device: torch.device | str = "cpu",
     batch_size: int = 512,
     progress: bool = False,
+    autocast: torch.dtype | None = None,
     workers: int = 0,
 ) -> Outputs:
     """Features and logits of ``data`` in eval mode, gathered on the CPU batch by batch.
@@ -84,6 +85,8 @@ def forward_outputs(
     Each batch is copied once, straight into float32 CPU tensors allocated for the whole
     dataset at the first batch: no per-batch tensors to concatenate at the end (a second copy
     of every output), and one copy per batch whatever the model's device and dtype.
+    ``autocast`` (``torch.bfloat16`` or ``torch.float16``) runs the forward under mixed
+    precision; the outputs are float32 all the same.
     """
     if len(data) == 0:
         raise UserError(f"dataset {data.name!r} is empty; nothing to evaluate")
@@ -92,8 +95,9 @@ def forward_outputs(
     features = logits = None
     start = 0
     for x, _ in progress_batches(data, batch_size, data.name, progress, workers, device):
-        feats = model.features(to_device(x, device))
-        out = model.head(feats)
+        with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            feats = model.features(to_device(x, device))
+            out = model.head(feats)
         if features is None:
             features = torch.empty(len(data), feats.shape[1])
             logits = torch.empty(len(data), out.shape[1])

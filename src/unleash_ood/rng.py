@@ -23,7 +23,17 @@ def numpy_rng(seed: int, name: str, *keys: int) -> np.random.Generator:
     return np.random.default_rng(seed_sequence(seed, name, *keys))
 
 
+def stream_seed(seed: int, name: str, *keys: int) -> int:
+    """A 63-bit integer seed for stream ``name`` of ``seed``, for ``torch.manual_seed``."""
+    return int(seed_sequence(seed, name, *keys).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
 def torch_generator(seed: int, name: str, *keys: int) -> torch.Generator:
     """A CPU torch generator for stream ``name`` of ``seed``."""
-    state = int(seed_sequence(seed, name, *keys).generate_state(1, np.uint64)[0] >> np.uint64(1))
-    return torch.Generator().manual_seed(state)
+    return torch.Generator().manual_seed(stream_seed(seed, name, *keys))
+
+
+def seed_global(seed: int, name: str, *keys: int) -> None:
+    """Seed PyTorch's global generator (weight initialisation, dropout: layers that draw from
+    it) from stream ``name`` of ``seed``."""
+    torch.manual_seed(stream_seed(seed, name, *keys))

@@ -9,9 +9,16 @@ forward pass.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from unleash_ood.errors import UserError
+
+try:  # POSIX; elsewhere runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 # Files whose presence means a folder already holds the results of some command.
 RESULT_FILES = ("config.json", "metrics.json", "atypical.csv", "demo.json")
@@ -37,6 +44,45 @@ def check_writable(out: Path) -> None:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write into {parent}; choose an --out folder you can write to")
+
+
+LOCK_FILE = ".lock"
+
+
+@contextmanager
+def out_lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the run folder ``out`` while a command writes into it.
+
+    A second command aimed at the same folder is refused at once instead of both writing
+    results and logs over each other. The lock is an ``flock`` on ``out/.lock``: the system
+    releases it when the process dies, so a killed run never leaves a stale lock. A folder
+    this command created is removed again if the command leaves nothing in it (e.g. it
+    stopped at a bad flag).
+    """
+    check_writable(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    with open(lock, "a") as handle:
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise UserError(
+                    f"another unleash command is writing into --out {out}; wait for it to "
+                    f"finish or choose another folder"
+                ) from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+            if created and not holds_files(out):
+                out.rmdir()
+
+
+def holds_files(out: Path) -> bool:
+    """Whether the folder ``out`` exists and holds anything besides a command's lock."""
+    return out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
 
 
 def append_log(out: Path, text: str, echo: bool = False) -> None:

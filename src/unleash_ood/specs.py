@@ -30,22 +30,28 @@ def _finite(name: str, value: float, low: float, low_open: bool = False) -> None
         raise UserError(f"{name} must be a finite number {bound}, not {value!r}")
 
 
+def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A spec field with what its command-line flag says: ``--field-name`` is built from the
+    field (type, default, ``help``, ``choices``), so the parser and the spec cannot drift."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class Recipe:
     """Every knob of a training run; written into the run directory and each checkpoint."""
 
     model: str = "cnn"
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 60
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "step"
-    augment: str = "flip"
-    seed: int = 0
-    save_every: int = 1
+    epochs: int = knob(60, "epochs to train")
+    batch_size: int = knob(128, "global batch")
+    lr: float = knob(0.05, "peak learning rate")
+    momentum: float = knob(0.9, "SGD momentum")
+    nesterov: bool = knob(False, "Nesterov momentum")
+    weight_decay: float = knob(5e-4, "L2 weight decay")
+    schedule: str = knob("step", "step (/10 at 50% and 75% of the epochs), cosine or constant")
+    augment: str = knob("flip", "none, flip, crop, crop+flip")
+    seed: int = knob(0, "random seed of the run")
+    save_every: int = knob(1, "checkpoint every k epochs")
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -114,13 +120,19 @@ def finetune_recipe(
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; choose {', '.join(RECIPES)}")
     base = RECIPES[name]
-    if name == "quick" and method == "umap":
+    if name == "quick" and METHOD_PARTS.get(method, ("", ""))[1] == "mask":
         base = replace(base, lr=QUICK_UMAP_LR)
     return replace(base, **changes)
 
 
-OUTLIER_METHODS = ("oe", "energy", "poem", "doe")
-DEFAULT_WEIGHT = {"oe": 0.5, "energy": 0.1, "poem": 0.1, "doe": 1.0}
+OUTLIER_METHODS = ("oe", "energy", "poem", "doe", "woods", "scone")
+DEFAULT_WEIGHT = {"oe": 0.5, "energy": 0.1, "poem": 0.1, "doe": 1.0, "woods": 1.0, "scone": 1.0}
+# Outlier exposure from an unlabeled wild mix of ID and OOD images (method/wild.py), with each
+# method's default energy margin and covariate-shifted ID fraction of the mix: SCONE's official
+# run script uses eta = -10 and pi_1 = 0.5.
+WILD_METHODS = ("woods", "scone")
+WILD_MARGIN = {"woods": 0.0, "scone": -10.0}
+WILD_SHIFT = {"woods": 0.0, "scone": 0.5}
 
 
 @dataclass
@@ -136,8 +148,13 @@ class OutlierSpec:
     m_out: float = -7.0
     poem_keep: float = 0.125
     doe_warmup: float = 0.5
+    wild: str | None = None  # woods/scone: the outlier source of the wild mix (as --aux)
+    wild_pi: float = 0.1  # woods/scone: the fraction of outliers in the wild mix
+    wild_margin: float | None = None  # None: the method's default (WILD_MARGIN)
+    wild_shift: float | None = None  # None: the method's default (WILD_SHIFT)
 
     def __post_init__(self) -> None:
+        self._check_wild()
         if self.method not in OUTLIER_METHODS:
             raise UserError(
                 f"unknown outlier method {self.method!r}; choose {', '.join(OUTLIER_METHODS)}"
@@ -161,6 +178,43 @@ class OutlierSpec:
         """Kept for callers of the earlier API: a spec is validated when it is made."""
         self.__post_init__()
 
+    def _check_wild(self) -> None:
+        wild_flags = (self.wild, self.wild_margin, self.wild_shift)
+        if self.method not in WILD_METHODS:
+            if any(v is not None for v in wild_flags) or self.wild_pi != 0.1:
+                raise UserError(
+                    "--wild, --wild-pi, --wild-margin and --wild-shift belong to "
+                    "--outliers woods or scone"
+                )
+            return
+        if self.wild is None:
+            self.wild = "bundled"
+        if self.wild != "bundled" and not Path(self.wild).expanduser().exists():
+            raise UserError(
+                f"wild outliers {self.wild!r}: no such file or folder; pass --wild bundled, "
+                f"a .npy file, an image folder or a folder of ImageNet batch files"
+            )
+        if not isinstance(self.wild_pi, int | float) or not 0 < self.wild_pi <= 1:
+            raise UserError(f"--wild-pi must be in (0, 1], not {self.wild_pi!r}")
+        if self.wild_margin is not None:
+            _finite("--wild-margin", self.wild_margin, -math.inf)
+        shift = self.shift
+        if not isinstance(shift, int | float) or not 0 <= shift < 1 or self.wild_pi + shift > 1:
+            raise UserError(
+                f"--wild-shift must be in [0, 1) with --wild-pi + --wild-shift <= 1, not "
+                f"{shift!r} (with --wild-pi {self.wild_pi!r})"
+            )
+
+    @property
+    def margin(self) -> float:
+        """The energy margin of the wild term (WOODS 0, SCONE's default -10)."""
+        return WILD_MARGIN[self.method] if self.wild_margin is None else self.wild_margin
+
+    @property
+    def shift(self) -> float:
+        """The fraction of the wild mix that is covariate-shifted ID (WOODS 0, SCONE 0.5)."""
+        return WILD_SHIFT.get(self.method, 0.0) if self.wild_shift is None else self.wild_shift
+
     @property
     def lam(self) -> float:
         return DEFAULT_WEIGHT[self.method] if self.weight is None else self.weight
@@ -170,7 +224,30 @@ class OutlierSpec:
         return max(1, round(batch_size * self.aux_ratio))
 
 
-METHODS = ("um", "umap", "ce")
+# A fine-tuning method is a loss on the ID data (plain CE, or UM's flooded CE at xi) times what
+# trains (the weights, or UMAP's learned mask over frozen pretrained weights).
+METHOD_PARTS = {
+    "um": ("um", "weights"),
+    "umap": ("um", "mask"),
+    "ce": ("ce", "weights"),
+    "mask-ce": ("ce", "mask"),  # UMAP's mask learned with plain CE: UMAP without the constraint
+}
+METHODS = tuple(METHOD_PARTS)
+LOSSES = ("um", "ce")
+TRAINS = ("weights", "mask")
+
+
+def method_named(loss: str, trains: str) -> str:
+    """The method name of ``loss`` (ce | um) x ``trains`` (weights | mask)."""
+    for name, parts in METHOD_PARTS.items():
+        if parts == (loss, trains):
+            return name
+    raise UserError(
+        f"--loss takes {' or '.join(LOSSES)} and --trains {' or '.join(TRAINS)}, "
+        f"not {loss!r} and {trains!r}"
+    )
+
+
 XI_REDUCTIONS = ("mean", "median")
 
 
@@ -180,14 +257,30 @@ class FinetuneSpec:
 
     method: str = "um"
     xi: str = "estimate"
-    keep: float = 0.8
-    train_weights: bool = False
-    n_masks: int = 5
-    mask_fraction: float = 0.035
-    xi_reduction: str = "mean"
-    xi_grid: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0)
-    acc_tolerance: float = 0.01
+    keep: float = knob(0.8, "UMAP: fraction of weights kept per layer")
+    train_weights: bool = knob(False, "UMAP: train the weights as well as the mask scores")
+    n_masks: int = knob(5, "random masks averaged for --xi estimate")
+    mask_fraction: float = knob(0.035, "fraction of weights zeroed per layer for the estimate")
+    xi_reduction: str = knob(
+        "mean", "how the per-mask values of --xi estimate combine into xi", XI_REDUCTIONS
+    )
+    xi_grid: tuple[float, ...] = knob(
+        (0.5, 1.0, 2.0, 4.0), "multiples of the estimate tried by --xi validate"
+    )
+    acc_tolerance: float = knob(
+        0.01, "--xi validate: ID validation accuracy a candidate may lose against the start"
+    )
     outliers: OutlierSpec | None = None  # outlier exposure beside the ID term
+
+    @property
+    def loss(self) -> str:
+        """The ID loss: ``ce`` or ``um`` (the loss constraint at xi)."""
+        return METHOD_PARTS[self.method][0]
+
+    @property
+    def trains(self) -> str:
+        """What the fine-tune changes: the ``weights`` or a learned ``mask`` over them."""
+        return METHOD_PARTS[self.method][1]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -219,6 +312,47 @@ class FinetuneSpec:
     def check(self) -> None:
         """Kept for callers of the earlier API: a spec is validated when it is made."""
         self.__post_init__()
+
+
+WATERMARK_SCORES = ("msp", "energy")
+# The official code's predefined CIFAR-10 settings per score (QizhouWang/watermarking,
+# train.py): signed-step size alpha, noise std sigma, sharpness radius rho, outlier-term weight
+# beta, and the energy penalties' scales (in normalised input units, as there).
+WATERMARK_DEFAULTS = {
+    "msp": {"sigma": 0.4, "rho": 1.0, "beta": 3.5, "t_in": 0.0, "t_out": 0.0},
+    "energy": {"sigma": 1.5, "rho": 0.05, "beta": 0.1, "t_in": 0.2, "t_out": 0.7},
+}
+
+
+@dataclass
+class WatermarkSpec:
+    """How ``unleash watermark`` learns its pattern; ``None``: the score's default."""
+
+    score: str = "msp"
+    epochs: int = 50
+    batch_size: int = 128
+    alpha: float = 0.01
+    sigma: float | None = None
+    rho: float | None = None
+    beta: float | None = None
+    t_in: float | None = None
+    t_out: float | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.score not in WATERMARK_SCORES:
+            raise UserError(f"--score takes {' or '.join(WATERMARK_SCORES)}, not {self.score!r}")
+        for name in ("epochs", "batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer")
+        _finite("--alpha", self.alpha, 0, low_open=True)
+        for name, value in WATERMARK_DEFAULTS[self.score].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+            _finite(f"--{name.replace('_', '-')}", getattr(self, name), 0)
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise UserError(f"--seed must be a non-negative integer, not {self.seed!r}")
 
 
 # Generative detectors ``unleash detector train --kind`` can train (one default recipe each in

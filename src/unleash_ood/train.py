@@ -1,15 +1,17 @@
 """One readable training loop: SGD, a per-epoch schedule, a checkpoint every k epochs, resume,
 and DistributedDataParallel under ``torchrun`` with the global batch size preserved.
 
-Every random choice of epoch ``e`` (shuffling, augmentation, dropout) is drawn from generators
-seeded with ``(seed, e)``. The RNG state at an epoch boundary is therefore a function of the
-recipe and the epoch, and resuming from the last complete checkpoint (weights, momentum
-buffers, epoch; the schedule is a function of the epoch) reproduces an uninterrupted run.
+Every random choice of epoch ``e`` (shuffling, augmentation, dropout) is drawn from named
+streams of ``(seed, e)`` (:mod:`unleash_ood.rng`). The RNG state at an epoch boundary is
+therefore a function of the recipe and the epoch, and resuming from the last complete
+checkpoint (weights, momentum buffers, epoch; the schedule is a function of the epoch)
+reproduces an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
@@ -19,69 +21,88 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from unleash_ood.augment import augment
 from unleash_ood.checkpoint import (
+    atomic_write_bytes,
     atomic_write_json,
+    checkpoint_paths,
     epoch_checkpoints,
     load_checkpoint,
     model_spec,
     read_sidecar,
+    read_tensors,
     save_checkpoint,
 )
 from unleash_ood.data.base import ImageData
 from unleash_ood.data.noise import TrainingData
 from unleash_ood.data.streaming import load_batches
+from unleash_ood.device import Dist as Dist
+from unleash_ood.device import init_distributed as init_distributed
 from unleash_ood.device import prepare_model, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.metrics import accuracy
 from unleash_ood.models import Classifier, create_model
 from unleash_ood.outputs import forward_outputs
+from unleash_ood.rng import seed_global, torch_generator
 from unleash_ood.rundir import append_log as append_log
 from unleash_ood.specs import SCHEDULES as SCHEDULES
 from unleash_ood.specs import Recipe as Recipe
 
-# An objective maps (model, images, labels) to (loss, logits); cross-entropy is the default.
-# It may also define ``start_epoch(epoch, model, rank, world)``, called before every epoch, and
-# ``state_dict()`` / ``load_state_dict(state, model)`` for what ``--resume`` must restore.
-Objective = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+class Objective:
+    """A training loss and the hooks the :class:`Trainer` calls around it, every one always.
+
+    ``objective(net, x, y)`` gives ``(loss, ID logits)`` each step; ``start_epoch`` runs before
+    every epoch (POEM re-selects its outliers, DOE switches on); ``named_parameters`` are
+    parameters of the objective's own (WOODS's logistic layer), trained by the same optimizer
+    and saved beside the model's state; ``state_dict`` / ``load_state_dict`` hold what
+    ``--resume`` must restore. The hooks do nothing here, so a plain loss defines
+    ``__call__`` alone.
+    """
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        raise NotImplementedError
+
+    def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:
+        """Called before every epoch."""
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return iter(())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+        """Restore what :meth:`state_dict` saved."""
+
+
+class LossObjective(Objective):
+    """A plain function ``(net, x, y) -> (loss, logits)`` as an :class:`Objective`."""
+
+    def __init__(self, fn: LossFn):
+        self.fn = fn
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        return self.fn(net, x, y)
+
+
+def _cross_entropy(model: nn.Module, x: torch.Tensor, y: torch.Tensor):
     logits = model(x)
     return F.cross_entropy(logits, y), logits
 
 
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
-
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: torch.device) -> tuple[Dist, torch.device]:
-    """Join the process group that ``torchrun`` describes in the environment, if any."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist(), device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size()), device
+cross_entropy = LossObjective(_cross_entropy)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+    """The generator of epoch ``epoch``'s shuffle and augmentation."""
+    return torch_generator(seed, "epoch", epoch)
 
 
 def global_batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
@@ -89,6 +110,13 @@ def global_batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[torc
     perm = torch.randperm(n, generator=g)
     for start in range(0, n - batch_size + 1, batch_size):
         yield perm[start : start + batch_size]
+
+
+def _epoch_path(ckpt_dir: Path, epoch: int) -> Path:
+    return ckpt_dir / f"epoch_{epoch:03d}"
+
+
+STATE_FILE = re.compile(r"train_state_(\d+)\.safetensors")
 
 
 def _state_path(ckpt_dir: Path, epoch: int) -> Path:
@@ -104,17 +132,23 @@ def _optimizer_key(key: str, name: str) -> str:
     return f"momentum/{name}" if key == "momentum_buffer" else f"optimizer/{key}/{name}"
 
 
-def save_train_state(
+def objective_parameters(objective: Objective) -> dict[str, nn.Parameter]:
+    """The objective's own parameters by name, prefixed ``objective.`` (none for most)."""
+    return {f"objective.{n}": p for n, p in objective.named_parameters()}
+
+
+def _write_train_state(
     ckpt_dir: Path,
     epoch: int,
     model: nn.Module,
     opt: torch.optim.Optimizer,
     objective_state: dict[str, torch.Tensor] | None = None,
+    own: dict[str, nn.Parameter] | None = None,
 ) -> None:
     """The optimizer's per-parameter tensors (SGD momentum buffers; Adam's moments and step)
-    by parameter name and the objective's own state (e.g. POEM's outlier buffer), for
-    ``--resume``; older states are removed."""
-    names = {p: n for n, p in model.named_parameters()}
+    by parameter name (the model's, and the objective's ``own``) and the objective's own
+    state (e.g. POEM's outlier buffer)."""
+    names = {p: n for n, p in [*model.named_parameters(), *(own or {}).items()]}
     tensors = {
         _optimizer_key(key, names[p]): t.detach().cpu().contiguous()
         for p, s in opt.state.items()
@@ -127,23 +161,45 @@ def save_train_state(
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata={"epoch": str(epoch)})
     os.replace(tmp, path)
+
+
+def save_epoch(
+    ckpt_dir: Path,
+    epoch: int,
+    model: Classifier,
+    spec: dict[str, Any],
+    opt: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    objective_state: dict[str, torch.Tensor] | None = None,
+    own: dict[str, nn.Parameter] | None = None,
+) -> None:
+    """Save epoch ``epoch`` so that a crash at any point leaves a run ``--resume`` continues.
+
+    Every file is replaced atomically, in this order: ``epoch_k`` (weights, then sidecar), the
+    train state of ``k``, ``last`` (a convenience copy), and only then the older train states
+    are removed. Resuming reads the newest epoch whose checkpoint and train state are both
+    complete (:func:`resume_point`), never ``last``, so a crash between any two writes falls
+    back to epoch ``k - 1`` or continues from ``k``.
+    """
+    save_checkpoint(_epoch_path(ckpt_dir, epoch), model, spec, **meta)
+    _write_train_state(ckpt_dir, epoch, model, opt, objective_state, own)
+    save_checkpoint(ckpt_dir / "last", model, spec, **meta)
     for old in ckpt_dir.glob("train_state_*.safetensors"):
-        if old != path:
+        if old != _state_path(ckpt_dir, epoch):
             old.unlink(missing_ok=True)
 
 
-def load_train_state(
-    ckpt_dir: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer
+def _load_train_state(
+    ckpt_dir: Path,
+    epoch: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    own: dict[str, nn.Parameter] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Restore the optimizer's per-parameter tensors; returns the objective's saved state.
     Adam's ``step`` counts stay on the CPU, where the optimizer keeps them."""
-    path = _state_path(ckpt_dir, epoch)
-    if not path.exists():
-        raise UserError(
-            f"cannot resume: {path.name} is missing from {ckpt_dir}; start afresh without --resume"
-        )
-    tensors = load_file(str(path))
-    for name, p in model.named_parameters():
+    tensors = read_tensors(_state_path(ckpt_dir, epoch))
+    for name, p in [*model.named_parameters(), *(own or {}).items()]:
         for key in ("momentum_buffer", *_ADAM_STATE):
             t = tensors.get(_optimizer_key(key, name))
             if t is not None:
@@ -152,28 +208,59 @@ def load_train_state(
     return {k[len(prefix) :]: t for k, t in tensors.items() if k.startswith(prefix)}
 
 
+def resume_point(out: Path) -> int | None:
+    """The newest epoch of the run in ``out`` whose checkpoint (weights and sidecar) and train
+    state all exist, or None when no epoch was saved completely."""
+    ckpt_dir = out / "checkpoints"
+    states = (STATE_FILE.fullmatch(p.name) for p in ckpt_dir.glob("train_state_*"))
+    saved = (int(m[1]) for m in states if m)
+    complete = [
+        e for e in saved if all(p.is_file() for p in checkpoint_paths(_epoch_path(ckpt_dir, e)))
+    ]
+    return max(complete, default=None)
+
+
 def check_resumable(out: Path) -> None:
     """Refuse ``--resume`` of a folder that holds no checkpoint to continue from."""
-    if not (out / "checkpoints" / "last.json").exists():
+    if resume_point(out) is None:
         raise UserError(f"{out} holds no run to resume; drop --resume to start it afresh")
 
 
+def check_fresh(out: Path) -> None:
+    """Refuse to start afresh over a run that ``--resume`` could continue. A folder whose
+    first save never completed holds nothing to lose and is written over."""
+    if resume_point(out) is not None:
+        raise UserError(
+            f"{out} already holds a training run; pass --resume to continue it "
+            f"or choose another --out"
+        )
+
+
 def resume_run(
-    out: Path, recipe: Recipe, model: nn.Module, opt: torch.optim.Optimizer
+    out: Path,
+    recipe: Recipe,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    own: dict[str, nn.Parameter] | None = None,
 ) -> tuple[int, dict[str, torch.Tensor]]:
-    """Load ``out/checkpoints/last`` and its optimizer state into ``model`` and ``opt``, once
-    its recipe is checked to be ``recipe``; returns its epoch and the objective's state."""
-    check_resumable(out)
+    """Load the newest complete epoch of ``out`` and its optimizer state into ``model`` and
+    ``opt``, once its recipe is checked to be ``recipe``; returns its epoch and the
+    objective's state. ``last`` is rewritten from that epoch, in case a crash tore it."""
+    epoch = resume_point(out)
+    if epoch is None:
+        raise UserError(f"{out} holds no run to resume; drop --resume to start it afresh")
     ckpt_dir = out / "checkpoints"
-    meta = read_sidecar(ckpt_dir / "last")
+    saved = _epoch_path(ckpt_dir, epoch)
+    meta = read_sidecar(saved)
     if meta.get("recipe") != asdict(recipe):
         raise UserError(
             f"cannot resume {out}: its recipe differs from the flags given; "
             f"rerun with the same flags"
         )
-    model.load_state_dict(load_file(str(ckpt_dir / "last.safetensors")))
-    epoch = meta["epoch"]
-    return epoch, load_train_state(ckpt_dir, epoch, model, opt)
+    model.load_state_dict(read_tensors(checkpoint_paths(saved)[0]))
+    for src, dst in zip(checkpoint_paths(saved), checkpoint_paths(ckpt_dir / "last"), strict=True):
+        atomic_write_bytes(dst, src.read_bytes())
+    return epoch, _load_train_state(ckpt_dir, epoch, model, opt, own)
 
 
 @dataclass
@@ -207,12 +294,14 @@ class Trainer:
         out: Path,
         device: torch.device,
         spec: dict[str, Any],
-        objective: Objective = cross_entropy,
+        objective: Objective | LossFn = cross_entropy,
         progress: bool = True,
         extra_meta: dict[str, Any] | None = None,
         on_save: Callable[[int, Classifier, dict], None] | None = None,
         workers: int = 0,
     ):
+        if not isinstance(objective, Objective):  # a plain loss function
+            objective = LossObjective(objective)
         recipe.check()
         self.recipe, self.train_set, self.val_set = recipe, train, val
         self.workers = workers
@@ -231,8 +320,11 @@ class Trainer:
         self.net: nn.Module = self.model
         if self.dist.world > 1:
             self.net = nn.parallel.DistributedDataParallel(self.model)
+        self.own = objective_parameters(objective)
+        for p in self.own.values():
+            p.data = p.data.to(self.device)
         self.opt = torch.optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad],
+            [p for p in self.model.parameters() if p.requires_grad] + list(self.own.values()),
             lr=recipe.lr,
             momentum=recipe.momentum,
             nesterov=recipe.nesterov,
@@ -246,9 +338,8 @@ class Trainer:
 
     def resume(self) -> None:
         """Continue from ``checkpoints/last`` (model, momentum, epoch)."""
-        self.start_epoch, state = resume_run(self.out, self.recipe, self.model, self.opt)
-        if hasattr(self.objective, "load_state_dict"):
-            self.objective.load_state_dict(state, self.model)
+        self.start_epoch, state = resume_run(self.out, self.recipe, self.model, self.opt, self.own)
+        self.objective.load_state_dict(state, self.model)
 
     def train_epoch(self, epoch: int) -> tuple[float, float, float]:
         """One epoch; returns the mean objective, accuracy and plain CE on the ID batches."""
@@ -256,9 +347,8 @@ class Trainer:
         for group in self.opt.param_groups:
             group["lr"] = r.lr_at(epoch)
         g = epoch_generator(r.seed, epoch)
-        torch.manual_seed(r.seed * 100_003 + epoch)  # dropout and other global-RNG layers
-        if hasattr(self.objective, "start_epoch"):  # e.g. POEM re-selects its outliers
-            self.objective.start_epoch(epoch, self.model, d.rank, d.world)
+        seed_global(r.seed, "epoch-layers", epoch)  # dropout and other global-RNG layers
+        self.objective.start_epoch(epoch, self.model, d.rank, d.world)
         self.net.train()
         # Running sums stay on the device: reading them every step would stall a GPU.
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
@@ -319,8 +409,7 @@ class Trainer:
                 self.log(stats)
                 if self.on_save:
                     self.on_save(stats.epoch, self.model, asdict(stats))
-            if self.dist.world > 1:
-                dist.barrier()
+            self.dist.barrier()
         return history
 
     def save(self, stats: EpochStats) -> None:
@@ -330,10 +419,10 @@ class Trainer:
             "metrics": asdict(stats),
             **self.extra_meta,
         }
-        save_checkpoint(self.ckpt_dir / f"epoch_{stats.epoch:03d}", self.model, self.spec, **meta)
-        objective_state = getattr(self.objective, "state_dict", dict)()
-        save_train_state(self.ckpt_dir, stats.epoch, self.model, self.opt, objective_state)
-        save_checkpoint(self.ckpt_dir / "last", self.model, self.spec, **meta)
+        state = self.objective.state_dict()
+        save_epoch(
+            self.ckpt_dir, stats.epoch, self.model, self.spec, self.opt, meta, state, self.own
+        )
 
     def log(self, s: EpochStats) -> None:
         line = (
@@ -377,7 +466,7 @@ def pretrain(
         check_resumable(out)
     train_data = train_data or TrainingData()
     train_set, flipped = train_data.apply(benchmark.id_train)
-    torch.manual_seed(recipe.seed)
+    seed_global(recipe.seed, "init")
     c, h, _ = benchmark.image_shape
     model = create_model(
         recipe.model,
@@ -402,11 +491,8 @@ def pretrain(
         on_save=on_save,
     )
     if trainer.dist.main:
-        if not resume and (out / "checkpoints").exists():
-            raise UserError(
-                f"{out} already holds a training run; pass --resume to continue it "
-                f"or choose another --out"
-            )
+        if not resume:
+            check_fresh(out)
         out.mkdir(parents=True, exist_ok=True)
         if not resume:
             atomic_write_json(

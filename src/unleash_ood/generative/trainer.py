@@ -28,19 +28,20 @@ from unleash_ood.checkpoint import (
     atomic_write_json,
     checkpoint_paths,
     read_sidecar,
-    save_checkpoint,
 )
 from unleash_ood.data.base import Benchmark, ImageSet
 from unleash_ood.device import prepare_model, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.generative import MODELS, GenerativeModel, create_detector
+from unleash_ood.rng import seed_global
 from unleash_ood.train import (
     Recipe,
     append_log,
+    check_fresh,
     epoch_generator,
     global_batches,
     resume_run,
-    save_train_state,
+    save_epoch,
 )
 
 
@@ -183,7 +184,7 @@ class DetectorTrainer:
         for group in self.opt.param_groups:
             group["lr"] = r.lr_at(epoch)
         g = epoch_generator(r.seed, epoch)
-        torch.manual_seed(r.seed * 100_003 + epoch)  # the model's own draws
+        seed_global(r.seed, "epoch-layers", epoch)  # the model's own draws
         self.model.train()
         sums: dict[str, torch.Tensor] = {}
         steps = len(self.train) // r.batch_size
@@ -229,9 +230,7 @@ class DetectorTrainer:
 
     def save(self, stats: DetectorEpoch) -> None:
         meta = {"recipe": asdict(self.recipe), "epoch": stats.epoch, "metrics": asdict(stats)}
-        save_checkpoint(self.ckpt_dir / f"epoch_{stats.epoch:03d}", self.model, self.spec, **meta)
-        save_train_state(self.ckpt_dir, stats.epoch, self.model, self.opt)
-        save_checkpoint(self.ckpt_dir / "last", self.model, self.spec, **meta)
+        save_epoch(self.ckpt_dir, stats.epoch, self.model, self.spec, self.opt, meta)
 
     def log(self, s: DetectorEpoch) -> None:
         parts = "  ".join(f"{k} {v:.3f}" for k, v in s.parts.items())
@@ -259,12 +258,9 @@ def train_detector(
 ) -> list[DetectorEpoch]:
     """Train ``recipe.model`` from scratch on ``benchmark``'s ID training split (labels
     unused), checkpointing into ``out``; ``resume`` continues the run in ``out``."""
-    if not resume and (out / "checkpoints").exists():
-        raise UserError(
-            f"{out} already holds a training run; pass --resume to continue it "
-            "or choose another --out"
-        )
-    torch.manual_seed(recipe.seed)
+    if not resume:
+        check_fresh(out)
+    seed_global(recipe.seed, "init")
     c, h, _ = benchmark.image_shape
     model = create_detector(recipe.model, c, h, **recipe.model_kwargs)
     trainer = DetectorTrainer(

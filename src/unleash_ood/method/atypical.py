@@ -17,6 +17,7 @@ from unleash_ood.data.base import ImageSet
 from unleash_ood.method.constraint import masked_copy, per_sample_losses
 from unleash_ood.outputs import forward_outputs
 from unleash_ood.report import save_figure
+from unleash_ood.rng import torch_generator
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ def atypicality(
     masked = torch.stack(
         [
             losses(
-                masked_copy(model, mask_fraction, torch.Generator().manual_seed(seed * 1000 + i)),
+                masked_copy(model, mask_fraction, torch_generator(seed, "random-mask", i)),
                 f"atypical: mask {i + 1}/{n_masks}",
             )
             for i in range(n_masks)

@@ -21,7 +21,9 @@ from unleash_ood.augment import augment
 from unleash_ood.data.base import ImageSet
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
+from unleash_ood.rng import torch_generator
 from unleash_ood.specs import XI_REDUCTIONS as XI_REDUCTIONS
+from unleash_ood.train import Objective
 
 
 def um_loss(ce_batch: torch.Tensor, xi: float) -> torch.Tensor:
@@ -29,7 +31,7 @@ def um_loss(ce_batch: torch.Tensor, xi: float) -> torch.Tensor:
     return (ce_batch - xi).abs() + xi
 
 
-class UMObjective:
+class UMObjective(Objective):
     """Training objective for :class:`~unleash_ood.train.Trainer`: UM on the ID term only."""
 
     def __init__(self, xi: float):
@@ -70,7 +72,7 @@ def per_sample_losses(
     (so the masked and the unmasked model see identical images). ``progress``: the label of a
     progress bar, or None for none."""
     model.eval()
-    g = torch.Generator().manual_seed(seed)
+    g = torch_generator(seed, "loss-augment")
     losses = []
     batches = tqdm(
         data.batches(batch_size),
@@ -155,7 +157,7 @@ def estimate_loss_constraint(
     device = torch.device(device)
     per_mask = []
     for i in range(n_masks):
-        g = torch.Generator().manual_seed(seed * 1000 + i)
+        g = torch_generator(seed, "random-mask", i)
         label = f"xi: mask {i + 1}/{n_masks}" if progress else None
         masked = masked_copy(model, mask_fraction, g)
         per_mask.append(

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from unleash_ood.method.losses import oe_loss
+from unleash_ood.method.outliers import OE, register
 
 GAMMAS = (1e-1, 1e-2, 1e-3, 1e-4)
 SMOOTHING = 0.6
@@ -122,3 +123,43 @@ class Perturbation:
             self.direction = [
                 state[f"doe_direction/{i}"].to(w.device) for i, w in enumerate(self.weights)
             ]
+
+
+@register("doe")
+class Doe(OE):
+    """DOE: OE whose outlier gradient is taken at the :class:`Perturbation` of the weights,
+    switched on after ``doe_warmup`` of the epochs. The smoothed direction is saved for
+    ``--resume``."""
+
+    perturbation: Perturbation | None = None
+
+    @property
+    def doe_active(self) -> bool:
+        return self.perturbation is not None
+
+    def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:
+        super().start_epoch(epoch, model, rank, world)
+        if epoch >= round(self.spec.doe_warmup * self.epochs):
+            self.perturbation = self.perturbation or Perturbation(model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.perturbation.state_dict() if self.perturbation is not None else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+        if any(k.startswith("doe_direction/") for k in state):
+            self.perturbation = Perturbation(model)
+            self.perturbation.load_state_dict(state)
+
+    def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        if self.perturbation is None:  # still warming up: plain OE
+            return super().__call__(net, x, y)
+        batch = torch.cat([x, self.stream.next(x.device)])
+        n = x.shape[0]
+        # The outlier term's gradient is taken at the perturbed weights and accumulated here;
+        # the trainer adds the ID term's gradient at the unperturbed weights.
+        self.perturbation.update(batch, n, self.stream.generator)
+        with self.perturbation.applied():
+            logits = net(batch)
+            (self.spec.lam * oe_loss(logits[n:])).backward()
+        logits = net(batch)
+        return self.id_loss(logits[:n], y), logits[:n]

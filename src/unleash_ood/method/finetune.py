@@ -21,9 +21,9 @@ from unleash_ood.checkpoint import (
     save_checkpoint,
     spec_of,
 )
-from unleash_ood.data.auxiliary import load_aux
 from unleash_ood.data.base import Benchmark
 from unleash_ood.data.noise import TrainingData
+from unleash_ood.device import current_dist, init_distributed
 from unleash_ood.errors import UserError
 from unleash_ood.evaluate import evaluate
 from unleash_ood.method.constraint import (
@@ -32,15 +32,25 @@ from unleash_ood.method.constraint import (
     estimate_loss_constraint,
     mean_train_loss,
 )
-from unleash_ood.method.outliers import OutlierObjective
+from unleash_ood.method.outliers import outlier_class
+from unleash_ood.method.wild import WildObjective
 from unleash_ood.models.masked import apply_umap, export_dense, mask_sparsity
+from unleash_ood.rng import seed_global
 from unleash_ood.specs import METHODS as METHODS
 from unleash_ood.specs import PAPER_RECIPE
 from unleash_ood.specs import RECIPES as RECIPES
 from unleash_ood.specs import FinetuneSpec as FinetuneSpec
 from unleash_ood.specs import default_recipe_name as default_recipe_name
 from unleash_ood.specs import finetune_recipe as finetune_recipe
-from unleash_ood.train import Objective, Recipe, Trainer, cross_entropy, replay_saves
+from unleash_ood.train import (
+    Objective,
+    Recipe,
+    Trainer,
+    check_fresh,
+    cross_entropy,
+    replay_saves,
+    resume_point,
+)
 
 FINETUNE_RECIPE = PAPER_RECIPE  # earlier name of the default recipe
 
@@ -65,8 +75,9 @@ def noop_error(xi: float, train_loss: float) -> UserError:
 
 
 def with_method_layers(model: torch.nn.Module, spec: FinetuneSpec, seed: int) -> torch.nn.Module:
-    """UMAP wraps every conv/linear layer in a learnable mask; UM and CE train all weights."""
-    if spec.method != "umap":
+    """A mask-training method (UMAP, mask-CE) wraps every conv/linear layer in a learnable
+    mask; UM and CE train all weights."""
+    if spec.trains != "mask":
         return model
     return apply_umap(model, keep=spec.keep, train_weights=spec.train_weights, seed=seed)
 
@@ -74,21 +85,11 @@ def with_method_layers(model: torch.nn.Module, spec: FinetuneSpec, seed: int) ->
 def make_objective(
     benchmark: Benchmark, spec: FinetuneSpec, recipe: Recipe, xi: float | None
 ) -> Objective:
-    """The training loss: CE or UM on the ID term, plus an outlier term when asked for."""
+    """The training loss: CE or UM on the ID term, plus the registered outlier method's term
+    when asked for (:data:`~unleash_ood.method.outliers.OUTLIER_OBJECTIVES`)."""
     if spec.outliers is None:
         return UMObjective(xi) if xi is not None else cross_entropy
-    c, h, _ = benchmark.image_shape
-    aux = load_aux(spec.outliers.aux, h, c, spec.outliers.aux_size, recipe.seed)
-    return OutlierObjective(
-        spec.outliers,
-        aux,
-        xi,
-        recipe.batch_size,
-        recipe.epochs,
-        recipe.augment,
-        recipe.seed,
-        benchmark.id_train,
-    )
+    return outlier_class(spec.outliers.method).build(spec.outliers, benchmark, recipe, xi)
 
 
 def run_finetune(
@@ -107,11 +108,11 @@ def run_finetune(
     """One fine-tune with a fixed xi (None for CE); returns the dense ``final`` checkpoint."""
     model, meta = load_checkpoint(start, device, benchmark.num_classes, benchmark.image_shape)
     dense_spec = spec_of(meta)
-    torch.manual_seed(recipe.seed)
+    seed_global(recipe.seed, "init")
     model = with_method_layers(model, spec, recipe.seed)
     data_meta = {"train_data": meta["train_data"]} if "train_data" in meta else {}
     umap = (
-        {"keep": spec.keep, "train_weights": spec.train_weights} if spec.method == "umap" else None
+        {"keep": spec.keep, "train_weights": spec.train_weights} if spec.trains == "mask" else None
     )
     info = {
         "from": str(start),
@@ -121,6 +122,9 @@ def run_finetune(
         **(extra or {}),
     }
     objective = make_objective(benchmark, spec, recipe, xi)
+    if isinstance(objective, WildObjective):  # which wild images are ID, shifted, outliers
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "wild.json", objective.mix.composition())
     trainer = Trainer(
         model,
         recipe,
@@ -139,13 +143,13 @@ def run_finetune(
             **({"umap": umap} if umap else {}),
         },
     )
-    if resume:
+    if resume and resume_point(out) is not None:  # else xi was chosen but no epoch saved
         trainer.resume()
     history = trainer.fit()
     if not trainer.dist.main:
         return out / "checkpoints" / "final"
     dense = model
-    if spec.method == "umap":
+    if spec.trains == "mask":
         dense = export_dense(model)
         atomic_write_json(out / "sparsity.json", mask_sparsity(model))
     final = out / "checkpoints" / "final"
@@ -199,7 +203,7 @@ def choose_xi(
     progress: bool,
 ) -> XiChoice:
     """Resolve ``spec.xi`` to a number, refusing values at which UM would do nothing."""
-    if spec.method == "ce":
+    if spec.loss == "ce":
         return XiChoice("none", None)
     model, _ = load_checkpoint(start, device, benchmark.num_classes, benchmark.image_shape)
     if spec.xi == "validate":
@@ -245,6 +249,7 @@ def validate_xi(
         final = run / "checkpoints" / "final"
         if not final.with_suffix(".json").exists():
             run_finetune(benchmark, start, spec, recipe, run, device, xi, progress=progress)
+        current_dist().barrier()  # the main process writes ``final``; every process reads it
         tuned, _ = load_checkpoint(final, device)
         ev = evaluate(tuned, benchmark, "energy", splits=("val",), device=device, progress=False)
         grid.append(
@@ -290,9 +295,19 @@ def finetune(
 
     The model is fine-tuned on the training data it was trained on: a start checkpoint that
     records a subset or label noise (``unleash pretrain --label-noise``) brings it along.
+
+    Under ``torchrun`` every process joins the group first (and takes its own GPU), chooses xi
+    the same way (the estimate is deterministic), and fine-tunes its shard; only the main
+    process writes, and the others wait for it before reading what it wrote.
     """
     spec.check()
     recipe.check()
+    ranks, device = init_distributed(device)
+    if read_sidecar(start).get("watermark"):
+        raise UserError(
+            f"{start} is a watermarked model (a frozen model plus an input pattern); "
+            f"fine-tune the model it was made from"
+        )
     benchmark = with_start_training_data(benchmark, start)
     xi_file = out / "xi.json"
     if resume:
@@ -303,27 +318,30 @@ def finetune(
             )
         choice = XiChoice(**json.loads(xi_file.read_text()))
     else:
-        if (out / "checkpoints").exists():
-            raise UserError(f"{out} already holds a run; pass --resume or choose another --out")
+        check_fresh(out)
         choice = choose_xi(benchmark, start, spec, recipe, out, device, progress)
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(xi_file, asdict(choice))
-        atomic_write_json(
-            out / "config.json",
-            {
-                "command": "finetune",
-                "from": str(start),
-                "spec": asdict(spec),
-                "recipe_name": recipe_name,
-                "recipe": asdict(recipe),
-                "train_size": len(benchmark.id_train),
-            },
-        )
+        if ranks.main:
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(xi_file, asdict(choice))
+            atomic_write_json(
+                out / "config.json",
+                {
+                    "command": "finetune",
+                    "from": str(start),
+                    "spec": asdict(spec),
+                    "recipe_name": recipe_name,
+                    "recipe": asdict(recipe),
+                    "train_size": len(benchmark.id_train),
+                    "processes": ranks.world,
+                },
+            )
     if choice.source == "validate" and not resume:
         chosen = next(Path(g["run"]) for g in choice.grid if g["xi"] == choice.xi)
-        shutil.copytree(chosen / "checkpoints", out / "checkpoints")
-        if on_save is not None:  # e.g. --track: the chosen run's epochs, as if trained here
-            replay_saves(out, on_save, device, benchmark, progress)
+        if ranks.main:
+            shutil.copytree(chosen / "checkpoints", out / "checkpoints")
+            if on_save is not None:  # e.g. --track: the chosen run's epochs, as if trained here
+                replay_saves(out, on_save, device, benchmark, progress)
+        ranks.barrier()
         return out / "checkpoints" / "final", choice
     final = run_finetune(
         benchmark,

@@ -14,6 +14,10 @@ reproduces the outliers an uninterrupted run would have seen.
   sampling (:mod:`unleash_ood.method.poem`).
 * ``doe`` (Wang et al. 2023): the OE loss at a worst-case perturbation of the weights
   (:mod:`unleash_ood.method.doe`); lambda = 1, as DOE's own code.
+* ``woods`` / ``scone``: wild data instead of clean outliers (:mod:`unleash_ood.method.wild`).
+
+OE and Energy-OE are defined here; every other method is one class in its own module,
+registered with :func:`register`.
 """
 
 from __future__ import annotations
@@ -25,17 +29,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from unleash_ood.augment import augment
-from unleash_ood.data.base import ImageSet
+from unleash_ood.data.auxiliary import load_aux
+from unleash_ood.data.base import Benchmark, ImageSet
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
 from unleash_ood.method.constraint import um_loss
-from unleash_ood.method.doe import Perturbation
 from unleash_ood.method.losses import energy_margin_loss as energy_margin_loss
 from unleash_ood.method.losses import oe_loss as oe_loss
-from unleash_ood.method.poem import PoemSelector
+from unleash_ood.rng import torch_generator
 from unleash_ood.specs import DEFAULT_WEIGHT as DEFAULT_WEIGHT
 from unleash_ood.specs import OUTLIER_METHODS as OUTLIER_METHODS
 from unleash_ood.specs import OutlierSpec
+from unleash_ood.train import Objective, Recipe
 
 # Maps (ID logits, labels) to the ID term: cross-entropy, or the UM loss on it.
 IdLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -48,61 +53,31 @@ def id_loss(xi: float | None) -> IdLoss:
     return lambda logits, y: um_loss(F.cross_entropy(logits, y), xi)
 
 
-class OutlierObjective:
-    """A :class:`~unleash_ood.train.Trainer` objective adding an outlier term to the ID loss.
+class OutlierStream:
+    """Outlier batches of a fixed size from ``aux``: a per-epoch permutation of a pool (all of
+    ``aux`` unless a method narrows it, as POEM does), drawn without replacement, augmented like
+    ID data, each process of a ``torchrun`` job taking its share of the global batch."""
 
-    The trainer calls :meth:`start_epoch` before each epoch (POEM re-selects its outliers
-    there, DOE switches on after its warm-up) and then the objective once per step.
-    """
-
-    def __init__(
-        self,
-        spec: OutlierSpec,
-        aux: ImageSet,
-        xi: float | None,
-        batch_size: int,
-        epochs: int,
-        augmentation: str,
-        seed: int,
-        id_train: ImageSet | None = None,
-    ):
-        spec.check()
+    def __init__(self, aux: ImageSet, n_out: int, augmentation: str, seed: int):
         if len(aux) == 0:
             raise UserError("the auxiliary outlier set is empty; pass another --aux")
-        self.spec, self.aux, self.id_loss = spec, aux, id_loss(xi)
-        self.n_out = spec.aux_batch(batch_size)
-        self.epochs, self.augmentation, self.seed = epochs, augmentation, seed
-        self.id_train = id_train
+        self.aux, self.n_out, self.augmentation, self.seed = aux, n_out, augmentation, seed
         self.pool = torch.arange(len(aux))
-        self.order = self.pool
-        self.cursor = 0
+        self.order, self.cursor = self.pool, 0
         self.rank, self.world = 0, 1
         self.generator = torch.Generator()
-        self.perturbation = None
-        if spec.method == "poem":
-            if id_train is None:
-                raise ValueError("POEM needs the ID training set for its regression")
-            self.selector = PoemSelector(spec.poem_keep, seed)
 
-    @property
-    def doe_active(self) -> bool:
-        return self.spec.method == "doe" and self.perturbation is not None
-
-    def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:
+    def start_epoch(self, epoch: int, rank: int, world: int) -> None:
         self.rank, self.world = rank, world
-        self.generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 7)
-        if self.spec.method == "poem":
-            self.pool = self.selector.select(model, self.aux, self.id_train, epoch)
-        if self.spec.method == "doe" and epoch >= round(self.spec.doe_warmup * self.epochs):
-            self.perturbation = self.perturbation or Perturbation(model)
+        self.generator = torch_generator(self.seed, "outliers", epoch)
         self._reshuffle()
 
     def _reshuffle(self) -> None:
         self.order = self.pool[torch.randperm(len(self.pool), generator=self.generator)]
         self.cursor = 0
 
-    def next_outliers(self, device: torch.device) -> torch.Tensor:
-        """This process's share of the next global outlier batch, augmented like ID data."""
+    def next(self, device: torch.device) -> torch.Tensor:
+        """This process's share of the next global outlier batch."""
         index = []
         need = self.n_out
         while need:
@@ -116,40 +91,104 @@ class OutlierObjective:
         x = augment(x, self.augmentation, self.generator, padding=x.shape[-1] // 8)
         return to_device(x[self.rank :: self.world], device)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """What a resumed run needs beyond the weights: POEM's buffer, DOE's direction."""
-        state = {}
-        if self.spec.method == "poem" and self.selector.history:
-            state["poem_history"] = torch.stack(self.selector.history)
-        if self.perturbation is not None:
-            state.update(self.perturbation.state_dict())
-        return state
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
-        if "poem_history" in state:
-            self.selector.history = list(state["poem_history"].unbind())
-        if any(k.startswith("doe_direction/") for k in state):
-            self.perturbation = Perturbation(model)
-            self.perturbation.load_state_dict(state)
+# Outlier-exposure methods by name (``--outliers``); each method's module registers its class.
+OUTLIER_OBJECTIVES: dict[str, type[OutlierObjective]] = {}
+
+
+def register(*methods: str) -> Callable[[type[OutlierObjective]], type[OutlierObjective]]:
+    """Class decorator: ``--outliers NAME`` builds this class for each of ``methods``."""
+
+    def add(cls: type[OutlierObjective]) -> type[OutlierObjective]:
+        for method in methods:
+            OUTLIER_OBJECTIVES[method] = cls
+        return cls
+
+    return add
+
+
+def outlier_class(method: str) -> type[OutlierObjective]:
+    if method not in OUTLIER_OBJECTIVES:
+        raise UserError(
+            f"unknown outlier method {method!r}; choose {', '.join(OUTLIER_OBJECTIVES)}"
+        )
+    return OUTLIER_OBJECTIVES[method]
+
+
+class OutlierObjective(Objective):
+    """The ID term (CE, or UM at ``xi``) plus ``lambda`` times an outlier term, from one
+    concatenated forward pass of the ID batch and a batch of the :class:`OutlierStream`.
+
+    A method subclasses this with its :meth:`aux_term` (and hooks where it needs them) and
+    registers itself (:func:`register`), so a new method is one small class in one file.
+    ``OutlierObjective(spec, ...)`` itself builds the class registered for ``spec.method``.
+    """
+
+    def __new__(cls, spec: OutlierSpec, *args, **kwargs):
+        if cls is OutlierObjective:
+            cls = outlier_class(spec.method)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        spec: OutlierSpec,
+        aux: ImageSet,
+        xi: float | None,
+        batch_size: int,
+        epochs: int,
+        augmentation: str,
+        seed: int,
+        id_train: ImageSet | None = None,
+    ):
+        spec.check()
+        self.spec, self.id_loss, self.epochs, self.id_train = spec, id_loss(xi), epochs, id_train
+        self.stream = OutlierStream(aux, spec.aux_batch(batch_size), augmentation, seed)
+
+    @classmethod
+    def build(
+        cls, spec: OutlierSpec, benchmark: Benchmark, recipe: Recipe, xi: float | None
+    ) -> OutlierObjective:
+        """The objective of ``spec`` for a fine-tune of ``recipe`` on ``benchmark``."""
+        c, h, _ = benchmark.image_shape
+        aux = load_aux(spec.aux, h, c, spec.aux_size, recipe.seed)
+        return cls(
+            spec,
+            aux,
+            xi,
+            recipe.batch_size,
+            recipe.epochs,
+            recipe.augment,
+            recipe.seed,
+            benchmark.id_train,
+        )
+
+    def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:
+        self.stream.start_epoch(epoch, rank, world)
 
     def aux_term(self, id_logits: torch.Tensor, out_logits: torch.Tensor) -> torch.Tensor:
-        if self.spec.method in ("energy", "poem"):
-            return energy_margin_loss(id_logits, out_logits, self.spec.m_in, self.spec.m_out)
-        return oe_loss(out_logits)
+        raise NotImplementedError
 
     def __call__(self, net: nn.Module, x: torch.Tensor, y: torch.Tensor):
-        outliers = self.next_outliers(x.device)
-        batch = torch.cat([x, outliers])
+        outliers = self.stream.next(x.device)
         n = x.shape[0]
-        if self.doe_active:
-            # The outlier term's gradient is taken at the perturbed weights and accumulated
-            # here; the trainer adds the ID term's gradient at the unperturbed weights.
-            self.perturbation.update(batch, n, self.generator)
-            with self.perturbation.applied():
-                logits = net(batch)
-                (self.spec.lam * oe_loss(logits[n:])).backward()
-            logits = net(batch)
-            return self.id_loss(logits[:n], y), logits[:n]
-        logits = net(batch)
+        logits = net(torch.cat([x, outliers]))
         loss = self.id_loss(logits[:n], y) + self.spec.lam * self.aux_term(logits[:n], logits[n:])
         return loss, logits[:n]
+
+
+@register("oe")
+class OE(OutlierObjective):
+    """Outlier exposure (Hendrycks et al., ICLR 2019): cross-entropy of the outliers' softmax
+    to the uniform distribution."""
+
+    def aux_term(self, id_logits: torch.Tensor, out_logits: torch.Tensor) -> torch.Tensor:
+        return oe_loss(out_logits)
+
+
+@register("energy")
+class EnergyOE(OutlierObjective):
+    """Energy-bounded learning (Liu et al., NeurIPS 2020): squared hinges keeping ID energies
+    below ``m_in`` and outlier energies above ``m_out``."""
+
+    def aux_term(self, id_logits: torch.Tensor, out_logits: torch.Tensor) -> torch.Tensor:
+        return energy_margin_loss(id_logits, out_logits, self.spec.m_in, self.spec.m_out)

@@ -20,7 +20,10 @@ import torch
 from torch import nn
 
 from unleash_ood.data.base import ImageSet
+from unleash_ood.method.outliers import EnergyOE, register
 from unleash_ood.outputs import forward_outputs
+from unleash_ood.rng import torch_generator
+from unleash_ood.specs import OutlierSpec
 
 PRIOR_VAR = 20.0
 NOISE_VAR = 0.5
@@ -56,7 +59,7 @@ class PoemSelector:
     def select(
         self, model: nn.Module, aux: ImageSet, id_train: ImageSet, epoch: int
     ) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 100_003 + epoch + 11)
+        g = torch_generator(self.seed, "poem-select", epoch)
         n_keep = max(1, round(self.keep * len(aux)))
         device = next(model.parameters()).device
         z_aux = forward_outputs(model, aux, device).features
@@ -72,3 +75,39 @@ class PoemSelector:
         chosen = torch.sort(torch.topk(distance, n_keep, largest=False).indices).values
         self.history.append(chosen)
         return chosen
+
+
+@register("poem")
+class Poem(EnergyOE):
+    """POEM: the Energy-OE loss on the outliers :class:`PoemSelector` keeps before every epoch.
+
+    Its buffer of recent selections is saved for ``--resume``.
+    """
+
+    def __init__(
+        self,
+        spec: OutlierSpec,
+        aux: ImageSet,
+        xi: float | None,
+        batch_size: int,
+        epochs: int,
+        augmentation: str,
+        seed: int,
+        id_train: ImageSet | None = None,
+    ):
+        if id_train is None:
+            raise ValueError("POEM needs the ID training set for its regression")
+        super().__init__(spec, aux, xi, batch_size, epochs, augmentation, seed, id_train)
+        self.selector = PoemSelector(spec.poem_keep, seed)
+
+    def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:
+        self.stream.pool = self.selector.select(model, self.stream.aux, self.id_train, epoch)
+        super().start_epoch(epoch, model, rank, world)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        history = self.selector.history
+        return {"poem_history": torch.stack(history)} if history else {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor], model: nn.Module) -> None:
+        if "poem_history" in state:
+            self.selector.history = list(state["poem_history"].unbind())

@@ -18,6 +18,12 @@ from unleash_ood.models.adapter import IMAGENET_MEAN, IMAGENET_STD, HeadSplit, l
 from unleash_ood.models.base import Classifier
 from unleash_ood.models.cnn import SmallCNN
 from unleash_ood.models.densenet import DenseNetBC
+from unleash_ood.models.external import (
+    ExternalModel,
+    Preprocess,
+    load_model,
+    torchvision_classifier,
+)
 from unleash_ood.models.resnet import ResNet18
 from unleash_ood.models.wrn import WideResNet
 
@@ -25,12 +31,15 @@ __all__ = [
     "MODELS",
     "Classifier",
     "DenseNetBC",
+    "ExternalModel",
     "HeadSplit",
     "ModelSpec",
+    "Preprocess",
     "ResNet18",
     "SmallCNN",
     "WideResNet",
     "create_model",
+    "load_model",
     "model_names",
 ]
 
@@ -71,11 +80,6 @@ MODELS: dict[str, ModelSpec] = {
     ),
 }
 ALIASES = {"densenet_bc_100": "densenet100"}
-
-# These torchvision nets return auxiliary logits in training mode unless told not to; the
-# auxiliary heads only help train them from scratch on ImageNet and would break the split.
-# ``init_weights=True`` pins their current initialisation and silences a FutureWarning.
-_TORCHVISION_AUX = frozenset({"googlenet", "inception_v3"})
 
 
 def model_names() -> list[str]:
@@ -152,21 +156,9 @@ def _create_torchvision(
     kwargs: dict[str, Any],
 ) -> HeadSplit:
     """``torchvision.models.get_model(arch, weights=None, ...)`` split at its last Linear."""
-    import torchvision  # deferred: only this path needs it, and it is slow to import
-
-    available = torchvision.models.list_models(module=torchvision.models)
-    if arch not in available:
-        raise UserError(
-            f"unknown torchvision classifier {arch!r}; choose one of: {', '.join(available)}"
-        )
     if in_channels != 3:
         raise UserError(f"torchvision models take 3-channel input; got in_channels={in_channels}")
-    if arch in _TORCHVISION_AUX:
-        kwargs = {"aux_logits": False, "init_weights": True, **kwargs}
-    try:
-        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError) as e:
-        raise UserError(f"{TORCHVISION_PREFIX}{arch} rejected its arguments: {e}") from e
+    model = torchvision_classifier(arch, num_classes, **kwargs)
     heads = linear_layer_names(model)
     if not heads:
         raise UserError(f"{TORCHVISION_PREFIX}{arch} has no nn.Linear head to split at")

@@ -30,7 +30,7 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
 
 
-def _describe_linears(model: nn.Module) -> str:
+def describe_linears(model: nn.Module) -> str:
     names = linear_layer_names(model)
     if not names:
         return (
@@ -49,12 +49,12 @@ def _get_linear(model: nn.Module, name: str) -> nn.Linear:
         module = None
     if module is None:
         raise UserError(
-            f"{type(model).__name__} has no module named {name!r}; {_describe_linears(model)}"
+            f"{type(model).__name__} has no module named {name!r}; {describe_linears(model)}"
         )
     if not isinstance(module, nn.Linear):
         raise UserError(
             f"{name!r} in {type(model).__name__} is a {type(module).__name__}, "
-            f"not an nn.Linear; {_describe_linears(model)}"
+            f"not an nn.Linear; {describe_linears(model)}"
         )
     return module
 

@@ -46,3 +46,8 @@ class Classifier(nn.Module):
     @property
     def feature_dim(self) -> int:
         return self.head.in_features
+
+    @property
+    def in_channels(self) -> int:
+        """Channels of the images the model takes (one per normalisation statistic)."""
+        return self.input_mean.shape[1]

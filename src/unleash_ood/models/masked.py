@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unleash_ood.errors import UserError
+from unleash_ood.rng import torch_generator
 
 __all__ = [
     "MaskedConv2d",
@@ -250,7 +251,7 @@ def apply_umap(
     every parameter trains (weights, biases, BN affine and scores).
     """
     keep = _check_keep(keep)
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    generator = torch_generator(seed, "mask-scores") if seed is not None else None
     for p in model.parameters():
         p.requires_grad_(train_weights)
 

@@ -1,0 +1,214 @@
+"""Related systems that act on a classifier, on the fmnist suite: Watermarking (MSP and
+Energy patterns on the frozen model), WOODS and SCONE (fine-tunes on a wild mix), beside the
+plain fine-tune with the same recipe and the starting model itself.
+
+    python benchmarks/related.py [--start fmnist_cnn] [--seeds 0 1 2] [--resume] [--smoke]
+
+Every arm runs as an ``unleash`` subprocess (``watermark``, ``finetune``, ``evaluate``), so its
+wall time and peak resident memory (``os.wait4``) are its own. Each model is evaluated with
+MSP, Energy and a panel of post-hoc scorers on the OOD validation and test sets; the best
+post-hoc scorer of a model is the one with the best mean AUROC on the *validation* sets, and
+only its test figures are reported. Training arms run once per seed; the cost of a
+watermark is set against plain evaluation of the starting model, the cost of WOODS / SCONE
+against the plain CE fine-tune. ``--resume`` skips every arm whose outputs exist. ``--smoke``
+runs the mechanics in minutes (one seed, one epoch, a small CNN pretrained on 1000 images, few
+scorers) into ``runs/related-smoke``; its figures are not results.
+
+Writes ``<out>.md`` and ``<out>.json`` (default ``benchmarks/results/related``); the runs
+themselves go under ``--runs`` (default ``runs/related``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import METRICS, summarise
+
+from unleash_ood.checkpoint import atomic_write_json
+from unleash_ood.report import markdown_table
+
+POSTHOC = "msp,energy,maxlogit,gen,mahalanobis,knn,vim,react,rmds,she"
+SMOKE_POSTHOC = "msp,energy,maxlogit,knn"
+WILD_PI = "0.1"
+
+
+def unleash(argv: list[str], log: Path) -> dict[str, float]:
+    """Run ``unleash argv`` to completion; its wall seconds and peak RSS in MiB."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    t0 = time.perf_counter()
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "unleash_ood", *argv],
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"unleash {' '.join(argv)} failed; see {log}")
+    return {"seconds": seconds, "peak_mib": usage.ru_maxrss / 1024}
+
+
+def timed(out: Path, argv: list[str], done: Path, resume: bool) -> dict[str, float]:
+    """``unleash argv`` unless ``done`` exists (with --resume); its cost, kept in cost.json."""
+    cost_file = out / "cost.json"
+    if resume and done.exists() and cost_file.exists():
+        return json.loads(cost_file.read_text())
+    if out.exists():
+        shutil.rmtree(out)  # an unfinished arm starts again
+    cost = unleash(argv, out.with_suffix(".log"))
+    atomic_write_json(cost_file, cost)
+    return cost
+
+
+def evaluate_arm(checkpoint: Path, out: Path, common: list[str], scorers: str, resume: bool):
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--scores", scorers]
+    argv += ["--splits", "val,test", "--out", str(out), *common]
+    cost = timed(out, argv, out / "metrics.json", resume)
+    return json.loads((out / "metrics.json").read_text()), cost
+
+
+def best_posthoc(evaluation: dict) -> str:
+    """The scorer with the best mean AUROC on the OOD validation sets."""
+    rows = [r for r in evaluation["rows"] if r["split"] == "val" and r["dataset"] == "mean"]
+    return max(rows, key=lambda r: r["auroc"])["scorer"]
+
+
+def arms(args: argparse.Namespace) -> list[tuple[str, int | None, list[str] | None]]:
+    """(name, seed, training argv without --out) of every arm; None: no training."""
+    listed: list[tuple[str, int | None, list[str] | None]] = [("start", None, None)]
+    for seed in args.seeds:
+        s = ["--seed", str(seed)]
+        for score in ("msp", "energy"):
+            listed.append((f"watermark-{score}", seed, ["watermark", "--score", score, *s]))
+        for method in ("ce", "woods", "scone"):
+            wild = ["--outliers", method, "--wild-pi", WILD_PI] if method != "ce" else []
+            listed.append(
+                (method, seed, ["finetune", "--method", "ce", "--recipe", "paper-oe", *wild, *s])
+            )
+    return listed
+
+
+def run_all(args: argparse.Namespace) -> dict[str, list[dict]]:
+    common = ["--device", "cpu", "--no-progress", *args.data]
+    scorers = SMOKE_POSTHOC if args.smoke else POSTHOC
+    results: dict[str, list[dict]] = {}
+    for name, seed, train in arms(args):
+        folder = args.runs / (name if seed is None else f"{name}-seed{seed}")
+        checkpoint = Path(args.start)
+        cost = None
+        if train is not None:
+            epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+            argv = [*train, *epochs, "--from", args.start, "--out", str(folder / "run"), *common]
+            checkpoint = folder / "run" / "checkpoints" / "final"
+            cost = timed(folder / "run", argv, checkpoint.with_suffix(".json"), args.resume)
+        evaluation, eval_cost = evaluate_arm(
+            checkpoint, folder / "eval", common, scorers, args.resume
+        )
+        best = best_posthoc(evaluation)
+        results.setdefault(name, []).append(
+            {
+                "seed": seed,
+                "train_cost": cost,
+                "eval_cost": eval_cost,
+                "best_posthoc": best,
+                **{s: summarise(evaluation, s) for s in ("msp", "energy", best)},
+            }
+        )
+        print(f"{folder.name}: done (best post-hoc on validation: {best})", flush=True)
+    return results
+
+
+def _mean_std(values: list[float]) -> str:
+    return (
+        f"{np.mean(values):.2f} ± {np.std(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+    )
+
+
+def tables(results: dict[str, list[dict]]) -> str:
+    rows = []
+    for name, runs in results.items():
+        for label in ("msp", "energy", "best post-hoc"):
+            key = [r["best_posthoc"] if label == "best post-hoc" else label for r in runs]
+            vals = [r[k] for r, k in zip(runs, key, strict=True)]
+            shown = (
+                label
+                if label != "best post-hoc"
+                else f"best post-hoc ({'/'.join(sorted(set(key)))})"
+            )
+            cells = [_mean_std([v[m] for v in vals]) for m in ("acc", *METRICS)]
+            rows.append([name, shown, *cells])
+    metric_table = markdown_table(
+        ["system", "scorer", "ID acc", "AUROC", "FPR95 (ID+)", "FPR95 (OOD+)"], rows
+    )
+    cost_rows = []
+    for name, runs in results.items():
+        train = [r["train_cost"] for r in runs if r["train_cost"]]
+        ev = [r["eval_cost"] for r in runs]
+        cost_rows.append(
+            [
+                name,
+                _mean_std([c["seconds"] for c in train]) if train else "-",
+                _mean_std([c["peak_mib"] for c in train]) if train else "-",
+                _mean_std([c["seconds"] for c in ev]),
+                _mean_std([c["peak_mib"] for c in ev]),
+            ]
+        )
+    cost_table = markdown_table(
+        ["system", "train s", "train peak MiB", "evaluate s", "evaluate peak MiB"], cost_rows
+    )
+    cost_title = "### Cost (wall time, peak resident memory of the process)"
+    return f"{metric_table}\n\n{cost_title}\n\n{cost_table}\n"
+
+
+def smoke_start(args: argparse.Namespace) -> None:
+    """Smoke settings: one seed, one epoch, few scorers, and as start a width-4 CNN
+    pretrained for one epoch on 1000 images (its fine-tunes and watermark train on them)."""
+    args.seeds, args.epochs = args.seeds[:1], 1
+    args.runs = args.runs.with_name("related-smoke")
+    args.out = str(args.runs / "related")  # never over the study's results
+    run = args.runs / "start-model"
+    argv = ["pretrain", "--train-size", "1000", "--epochs", "1", "--model-arg", "width=4"]
+    argv += ["--batch-size", "100", "--out", str(run), "--device", "cpu", *args.data]
+    timed(run, argv, run / "checkpoints" / "last.json", args.resume)
+    args.start = str(run / "checkpoints" / "last")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--start", default="fmnist_cnn", help="the well-trained model")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--epochs", type=int, default=None, help="override every arm's epochs")
+    p.add_argument("--runs", type=Path, default=Path("runs/related"))
+    p.add_argument("--out", default="benchmarks/results/related")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--resume", action="store_true", help="skip every arm already finished")
+    p.add_argument("--smoke", action="store_true", help="mechanics only: figures are not results")
+    args = p.parse_args()
+    args.data = ["--data-dir", args.data_dir] if args.data_dir else []
+    if args.smoke:
+        smoke_start(args)
+    results = run_all(args)
+    title = "## Related systems on fmnist" + (" (SMOKE TEST: not results)" if args.smoke else "")
+    seeds = ", ".join(map(str, args.seeds))
+    text = (
+        f"{title}\n\nFrom {args.start}; seeds {seeds}; mean ± std over seeds.\n\n{tables(results)}"
+    )
+    Path(f"{args.out}.md").parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.md").write_text(text)
+    atomic_write_json(Path(f"{args.out}.json"), {"smoke": args.smoke, "results": results})
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
