@@ -1,8 +1,11 @@
-"""How fitted scorers grow with the ID training set: k-NN time per bank row, fitting memory.
+"""How fitted scorers grow with the ID training set: fit + score time, k-NN time per bank
+row, fitting memory.
 
     python benchmarks/scorer_growth.py [--rows 50000 200000 1000000] [--queries 2048]
 
 On synthetic 512-dim features (uniform, a fifth of them zero, as after a ReLU; ten classes):
+- Fit on each training size plus score of ``--queries`` queries, for knn, Mahalanobis, ViM
+  and ReAct, best of ``--repeats`` (the scorers interleaved).
 - k-NN score time of ``--queries`` queries against banks of each size, divided by the bank
   size: a search linear in the bank keeps this flat. The sizes run interleaved, best of
   ``--repeats``, so a busy spell of a shared machine hits them alike.
@@ -29,7 +32,8 @@ from unleash_ood.outputs import Outputs
 from unleash_ood.scores import make_scorer
 
 DIM, CLASSES, SEED = 512, 10, 0
-MEMORY_CASES = ("mahalanobis", "vim", "react", "dice", "knn_score")
+MEMORY_CASES = ("knn", "mahalanobis", "vim", "react", "dice", "knn_score")
+TIMED = ("knn", "mahalanobis", "vim", "react")
 MIB = 2**20
 
 
@@ -93,6 +97,27 @@ def memory_table(rows: list[int], queries: int) -> None:
         print(f"| {case} | " + " | ".join(cells) + " |")
 
 
+def fit_score_timing(rows: list[int], queries: int, repeats: int) -> None:
+    fc = head()
+    test = outputs(features(queries, SEED + 1), fc)
+    times = {}
+    for n in rows:
+        train = outputs(features(n, SEED), fc)
+        fns = {
+            name: (lambda name=name, t=train: make_scorer(name).fit(t, fc).score(test, fc))
+            for name in TIMED
+        }
+        times[n] = best_of(fns, repeats)
+        del train
+    print(f"\nfit on the training rows + score of {queries:,} queries (s), best of {repeats}")
+    print("| scorer | " + " | ".join(f"{n:,} rows" for n in rows) + " | largest / smallest |")
+    print("|---|" + "---|" * (len(rows) + 1))
+    for name in TIMED:
+        cells = [f"{times[n][name]:.2f}" for n in rows]
+        growth = times[rows[-1]][name] / times[rows[0]][name]
+        print(f"| {name} | " + " | ".join(cells) + f" | {growth:.1f} |")
+
+
 def knn_timing(rows: list[int], queries: int, repeats: int) -> None:
     fc = head()
     bank = features(max(rows), SEED)
@@ -124,6 +149,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {Path(__file__).name}")
     if args.skip != "time":
         knn_timing(args.rows, args.queries, args.repeats)
+        fit_score_timing(args.rows, args.queries, args.repeats)
     if args.skip != "memory":
         memory_table(args.rows, args.queries)
 

@@ -65,7 +65,7 @@ def test_evaluate_writes_run_directory(capsys, fmnist_dir, tiny_checkpoint, tmp_
     ("argv", "message"),
     [
         (["--scores", "msp,nope"], "unknown scorer 'nope'"),
-        (["--benchmark", "imagenet"], "unknown benchmark 'imagenet'"),
+        (["--benchmark", "imagenet9"], "unknown benchmark 'imagenet9'"),
         (["--data-dir", "EMPTY"], "Fashion-MNIST not found (tried"),
         (["--checkpoint", "MISSING"], "no checkpoint at"),
     ],

@@ -39,7 +39,11 @@ from unleash_ood.specs import (
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--benchmark", default="fmnist", help="benchmark suite (see 'unleash datasets')")
+    p.add_argument(
+        "--benchmark",
+        default="fmnist",
+        help="benchmark suite (see 'unleash datasets') or a benchmark .json file",
+    )
     p.add_argument(
         "--data-dir",
         default=None,
@@ -96,6 +100,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     scorers = parse_scorer_list(args.scores)  # fail on a bad name before any heavy work
     if args.grid and not args.tune:
         raise UserError("--grid sets the search of --tune; add --tune")
+    if args.cache_fp16 and not args.cache:
+        raise UserError("--cache-fp16 sets how --cache stores features; add --cache FOLDER")
     grids = parse_grids(args.grid) if args.grid else None
     for name, grid in (grids or {}).items():
         check_grid(name, grid)
@@ -116,6 +122,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         tune=args.tune,
         grids=grids,
         autocast=args.autocast,
+        workers=args.workers,
+        fit_samples=args.fit_samples,
+        seed=args.seed,
+        cache_fp16=args.cache_fp16,
     )
     if not ctx.main:  # under torchrun every process has the metrics; one writes them
         return
@@ -640,6 +650,17 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An argparse type: an integer >= 1."""
     try:
@@ -855,6 +876,23 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="with --tune, replace a scorer's search grid, e.g. knn:k=10/50/100",
     )
+    p.add_argument(
+        "--cache-fp16", action="store_true", help="store cached features in float16 (half size)"
+    )
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="processes decoding streamed image files (benchmark files, imagenet-openood)",
+    )
+    p.add_argument(
+        "--fit-samples",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="fit scorers on a class-stratified sample of N ID training images (default: all)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the --fit-samples draw")
     _add_data_args(p)
     _add_run_args(p)
     p.add_argument(

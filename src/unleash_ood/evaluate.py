@@ -12,6 +12,8 @@ process, so all of them hold the same outputs and compute the same metrics as on
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, save_file
 
-from unleash_ood.data.base import Benchmark, ImageSet
+from unleash_ood.data.base import Benchmark, ImageData
+from unleash_ood.data.noise import stratified_subset
 from unleash_ood.device import (
     Dist,
     autocast_dtype,
@@ -48,10 +50,11 @@ CHANCE = 0.5
 def model_scores(
     scorer: Scorer,
     model: Classifier,
-    data: ImageSet,
+    data: ImageData,
     device: torch.device | str = "cpu",
     batch_size: int = 512,
     progress: bool = False,
+    workers: int = 0,
 ) -> torch.Tensor:
     """Scores of a gradient scorer (``needs_model``), batch by batch, in the same
     channels-last batches as :func:`forward_outputs`."""
@@ -59,7 +62,7 @@ def model_scores(
     desc = f"{scorer.name} {data.name}"
     parts = [
         scorer.score_batch(model, to_device(x, device))
-        for x, _ in progress_batches(data, batch_size, desc, progress)
+        for x, _ in progress_batches(data, batch_size, desc, progress, workers, device)
     ]
     return torch.cat(parts)
 
@@ -114,33 +117,70 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-class OutputCache:
-    """Outputs stored as safetensors under ``root/<model fingerprint>/<key>.safetensors``; the
-    evaluator's keys name the split and the data's fingerprint."""
+# The arrays of a cached ``Outputs`` and the dtypes each may have on disk.
+CACHE_DTYPES = {"features": ("float32", "float16"), "logits": ("float32",), "labels": ("int64",)}
 
-    def __init__(self, root: str | Path, model: torch.nn.Module):
+
+class OutputCache:
+    """Outputs stored as ``.npy`` files under ``root/<model fingerprint>/<key>/``, read back
+    memory-mapped: a cached set costs page cache, not process memory, until a scorer reads it.
+    The evaluator's keys name the split and the data's fingerprint. With ``fp16`` the features
+    are stored in float16 (half the disk; the key says so, and they come back as float32).
+
+    Files are loaded with ``allow_pickle=False`` and checked for shape and type; a file that
+    does not fit is ignored and rewritten. They are mapped copy-on-write (``mmap_mode="c"``):
+    a scorer writing into its input can never change the cache, nor crash on a read-only map.
+    """
+
+    def __init__(self, root: str | Path, model: torch.nn.Module, fp16: bool = False):
         self.dir = Path(root) / model_fingerprint(model)
+        self.fp16 = fp16
+
+    def _folder(self, key: str) -> Path:
+        return self.dir / (f"{key}-fp16" if self.fp16 else key)
 
     def get(self, key: str) -> Outputs | None:
-        path = self.dir / f"{key}.safetensors"
-        if not path.exists():
+        folder = self._folder(key)
+        try:
+            arrays = {
+                name: np.load(folder / f"{name}.npy", mmap_mode="c", allow_pickle=False)
+                for name in CACHE_DTYPES
+            }
+        except (OSError, ValueError):
+            return None  # absent, truncated or not an array: computed again
+        if not self._consistent(arrays):
             return None
-        t = load_file(str(path))
-        return Outputs(t["features"], t["logits"], t["labels"])
+        features = arrays.pop("features")
+        if features.dtype != np.float32:
+            features = features.astype(np.float32)
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return Outputs(torch.from_numpy(features), tensors["logits"], tensors["labels"])
+
+    def _consistent(self, arrays: dict[str, np.ndarray]) -> bool:
+        n = len(arrays["labels"])
+        return (
+            all(arrays[k].dtype.name in ok for k, ok in CACHE_DTYPES.items())
+            and arrays["features"].ndim == arrays["logits"].ndim == 2
+            and arrays["labels"].ndim == 1
+            and len(arrays["features"]) == len(arrays["logits"]) == n
+        )
 
     def put(self, key: str, out: Outputs) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        path = self.dir / f"{key}.safetensors"
-        tmp = path.with_name(f".{path.name}.tmp")
-        save_file(
-            {
-                "features": out.features.contiguous(),
-                "logits": out.logits.contiguous(),
-                "labels": out.labels.contiguous(),
-            },
-            str(tmp),
-        )
-        tmp.replace(path)
+        """Write the three arrays into a temporary folder, then rename it into place."""
+        folder = self._folder(key)
+        tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        features = out.features.numpy()
+        arrays = {
+            "features": features.astype(np.float16) if self.fp16 else features,
+            "logits": out.logits.numpy(),
+            "labels": out.labels.numpy(),
+        }
+        for name, array in arrays.items():
+            np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.replace(folder)
 
 
 @dataclass
@@ -225,7 +265,14 @@ def _summary_rows(
 
 
 class Evaluator:
-    """Holds a model, a benchmark and scorers; computes each dataset's outputs once."""
+    """Holds a model, a benchmark and scorers; computes each dataset's outputs once.
+
+    Streamed data is decoded in ``workers`` processes. With ``fit_samples``, scorers fit on a
+    class-stratified sample of that many ID training images (seeded by ``seed``,
+    :func:`~unleash_ood.data.noise.stratified_subset`), so fitting never forwards, holds or
+    searches more than that: the k-NN bank is that sample, and Mahalanobis, ViM and ReAct
+    take their statistics from it. ``cache_fp16`` stores cached features in float16.
+    """
 
     def __init__(
         self,
@@ -237,6 +284,10 @@ class Evaluator:
         cache_dir: str | Path | None = None,
         progress: bool = True,
         autocast: str = "none",
+        workers: int = 0,
+        fit_samples: int | None = None,
+        seed: int = 0,
+        cache_fp16: bool = False,
     ):
         check_fits(model, benchmark)
         self.device = resolve_device(device) if isinstance(device, str) else device
@@ -245,12 +296,13 @@ class Evaluator:
         self.benchmark = benchmark
         self.scorers = parse_scorer_list(scorers) if isinstance(scorers, str) else list(scorers)
         self.batch_size = batch_size
-        self.cache = OutputCache(cache_dir, model) if cache_dir else None
+        self.cache = OutputCache(cache_dir, model, cache_fp16) if cache_dir else None
         self.dist = current_dist()
         self.progress = progress and self.dist.main
+        self.workers, self.fit_samples, self.seed = workers, fit_samples, seed
         self._outputs: dict[str, Outputs] = {}
 
-    def outputs(self, key: str, data: ImageSet) -> Outputs:
+    def outputs(self, key: str, data: ImageData) -> Outputs:
         if key not in self._outputs:
             # On disk the key names the data too: two benchmarks or data folders sharing a
             # cache folder must never get each other's outputs.
@@ -263,14 +315,14 @@ class Evaluator:
             self._outputs[key] = out
         return self._outputs[key]
 
-    def _shard(self, data: ImageSet) -> ImageSet:
+    def _shard(self, data: ImageData) -> ImageData:
         start, end = shard_bounds(len(data), self.dist.rank, self.dist.world)
         return data.subset(torch.arange(start, end))
 
-    def _forward(self, data: ImageSet) -> Outputs:
+    def _forward(self, data: ImageData) -> Outputs:
         """The outputs of ``data``: one forward pass, or this process's shard of it gathered
         with the others' under torchrun."""
-        args = (self.device, self.batch_size, self.progress, self.autocast)
+        args = (self.device, self.batch_size, self.progress, self.autocast, self.workers)
         if self.dist.world == 1 or not len(data):
             return forward_outputs(self.model, data, *args)
         part = self._shard(data)
@@ -291,15 +343,25 @@ class Evaluator:
         """Take the outputs ``other`` computed (same model), sparing their forward passes."""
         self._outputs.update(other._outputs)
 
-    def _scores(self, scorer: Scorer, key: str, data: ImageSet) -> np.ndarray:
+    def _scores(self, scorer: Scorer, key: str, data: ImageData) -> np.ndarray:
         if scorer.needs_model and self.dist.world > 1:
             part = self._shard(data)
             s = torch.empty(0, dtype=torch.float64)
             if len(part):
-                s = model_scores(scorer, self.model, part, self.device, self.batch_size).double()
+                s = model_scores(
+                    scorer, self.model, part, self.device, self.batch_size, workers=self.workers
+                ).double()
             s = gather_rows(s, len(data), self.dist, self.device)
         elif scorer.needs_model:
-            s = model_scores(scorer, self.model, data, self.device, self.batch_size, self.progress)
+            s = model_scores(
+                scorer,
+                self.model,
+                data,
+                self.device,
+                self.batch_size,
+                self.progress,
+                self.workers,
+            )
         else:
             s = scorer.score(self.outputs(key, data), self.model.head)
         return s.double().cpu().numpy()
@@ -308,10 +370,18 @@ class Evaluator:
         """Fit each scorer on its ID split: training, or validation for calibration-style
         statistics (``Scorer.fit_split``); never on a test set."""
         b = self.benchmark
-        fit_sets = {"train": ("id_train", b.id_train), "val": ("id_val", b.id_val)}
+        fit_sets = {"train": ("id_train", self.fit_set()), "val": ("id_val", b.id_val)}
         for scorer in self.scorers:
             if scorer.requires_fit:
                 scorer.fit(self.outputs(*fit_sets[scorer.fit_split]), self.model.head)
+
+    def fit_set(self) -> ImageData:
+        """ID training data, or its stratified sample of ``fit_samples`` images."""
+        train = self.benchmark.id_train
+        if self.fit_samples is None or self.fit_samples >= len(train):
+            return train
+        labels = train.labels.numpy()
+        return train.subset(stratified_subset(labels, self.fit_samples, self.seed, "fit-samples"))
 
     def run(self, splits: Sequence[str] = ("test",)) -> Evaluation:
         bad = [s for s in splits if s not in SPLITS]

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from unleash_ood.data.base import ImageSet
+from unleash_ood.data.base import ImageData
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
 from unleash_ood.models.base import Classifier
@@ -53,10 +53,18 @@ class Outputs:
 
 
 def progress_batches(
-    data: ImageSet, batch_size: int, desc: str, progress: bool
+    data: ImageData,
+    batch_size: int,
+    desc: str,
+    progress: bool,
+    workers: int = 0,
+    device: torch.device | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """``data.batches(batch_size)`` behind a progress bar when ``progress``."""
-    batches = data.batches(batch_size)
+    """``data.batches(batch_size)`` behind a progress bar when ``progress``; streamed data is
+    decoded in ``workers`` processes, into pinned memory when ``device`` is a GPU (the copies
+    of :func:`~unleash_ood.device.to_device` are non-blocking)."""
+    pin = device is not None and device.type == "cuda"
+    batches = data.batches(batch_size, workers=workers, pin_memory=pin)
     if not progress:
         return batches
     return tqdm(batches, total=-(-len(data) // batch_size), desc=desc, leave=False)
@@ -65,11 +73,12 @@ def progress_batches(
 @torch.inference_mode()
 def forward_outputs(
     model: Classifier,
-    data: ImageSet,
+    data: ImageData,
     device: torch.device | str = "cpu",
     batch_size: int = 512,
     progress: bool = False,
     autocast: torch.dtype | None = None,
+    workers: int = 0,
 ) -> Outputs:
     """Features and logits of ``data`` in eval mode, gathered on the CPU batch by batch.
 
@@ -85,7 +94,7 @@ def forward_outputs(
     device = torch.device(device)
     features = logits = None
     start = 0
-    for x, _ in progress_batches(data, batch_size, data.name, progress):
+    for x, _ in progress_batches(data, batch_size, data.name, progress, workers, device):
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             feats = model.features(to_device(x, device))
             out = model.head(feats)

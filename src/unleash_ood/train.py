@@ -37,8 +37,9 @@ from unleash_ood.checkpoint import (
     read_tensors,
     save_checkpoint,
 )
-from unleash_ood.data.base import ImageSet
+from unleash_ood.data.base import ImageData
 from unleash_ood.data.noise import TrainingData
+from unleash_ood.data.streaming import load_batches
 from unleash_ood.device import Dist as Dist
 from unleash_ood.device import init_distributed as init_distributed
 from unleash_ood.device import prepare_model, to_device
@@ -277,14 +278,19 @@ class EpochStats:
 
 
 class Trainer:
-    """Trains ``model`` on ``train`` with ``recipe``, checkpointing into ``out/checkpoints``."""
+    """Trains ``model`` on ``train`` with ``recipe``, checkpointing into ``out/checkpoints``.
+
+    ``train`` and ``val`` may be held in memory or streamed from files (any
+    :class:`~unleash_ood.data.base.ImageData`); ``workers`` processes fetch the shuffled
+    batches ahead of the step (decoding them, for streamed files).
+    """
 
     def __init__(
         self,
         model: Classifier,
         recipe: Recipe,
-        train: ImageSet,
-        val: ImageSet,
+        train: ImageData,
+        val: ImageData,
         out: Path,
         device: torch.device,
         spec: dict[str, Any],
@@ -292,11 +298,13 @@ class Trainer:
         progress: bool = True,
         extra_meta: dict[str, Any] | None = None,
         on_save: Callable[[int, Classifier, dict], None] | None = None,
+        workers: int = 0,
     ):
         if not isinstance(objective, Objective):  # a plain loss function
             objective = LossObjective(objective)
         recipe.check()
         self.recipe, self.train_set, self.val_set = recipe, train, val
+        self.workers = workers
         self.dist, self.device = init_distributed(device)
         if recipe.batch_size % self.dist.world:
             raise UserError(
@@ -345,15 +353,15 @@ class Trainer:
         # Running sums stay on the device: reading them every step would stall a GPU.
         sums = torch.zeros(4, dtype=torch.float64, device=self.device)
         n_batches = len(self.train_set) // r.batch_size
+        batches = global_batches(len(self.train_set), r.batch_size, g)
         bar = tqdm(
-            global_batches(len(self.train_set), r.batch_size, g),
+            load_batches(self.train_set, batches, self.workers, self.device.type == "cuda"),
             total=n_batches,
             desc=f"epoch {epoch + 1}/{r.epochs}",
             leave=False,
             disable=not (self.progress and d.main),
         )
-        for step, idx in enumerate(bar):
-            x, y = self.train_set.__getitems__(idx)
+        for step, (x, y) in enumerate(bar):
             x = augment(x, r.augment, g, padding=x.shape[-1] // 8)[d.rank :: d.world]
             x = to_device(x, self.device)
             y = y[d.rank :: d.world].to(self.device, non_blocking=True)
@@ -388,7 +396,9 @@ class Trainer:
             done = epoch + 1
             if self.dist.main and (done % r.save_every == 0 or done == r.epochs):
                 val_acc = accuracy(
-                    forward_outputs(self.model, self.val_set, self.device).logits,
+                    forward_outputs(
+                        self.model, self.val_set, self.device, workers=self.workers
+                    ).logits,
                     self.val_set.labels,
                 )
                 stats = EpochStats(

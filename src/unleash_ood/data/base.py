@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,6 +21,34 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from unleash_ood.errors import UserError
+
+
+class ImageData(Protocol):
+    """What the evaluator and the trainer ask of a dataset: :class:`ImageSet` (decoded, in
+    memory) and :class:`~unleash_ood.data.streaming.ImageFiles` (decoded lazily) both offer it.
+
+    ``labels`` are int64 (``-1`` = no class); batches are float ``(B, C, H, W)`` in [0, 1].
+    """
+
+    name: str
+    labels: torch.Tensor
+
+    def __len__(self) -> int: ...
+
+    @property
+    def shape(self) -> tuple[int, int, int]: ...
+
+    def __getitems__(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def batches(
+        self, batch_size: int, workers: int = 0, pin_memory: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> ImageData: ...
+
+    def with_labels(self, labels: torch.Tensor, name: str) -> ImageData: ...
+
+    def fingerprint(self) -> str: ...
 
 
 class ImageSet(Dataset):
@@ -50,15 +79,24 @@ class ImageSet(Dataset):
         index = torch.as_tensor(idx, dtype=torch.int64)
         return self.images[index].float().div_(255), self.labels[index]
 
-    def batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Sequential float batches in [0, 1], for evaluation."""
+    def batches(
+        self, batch_size: int, workers: int = 0, pin_memory: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Sequential float batches in [0, 1], for evaluation. Slicing decoded images needs no
+        workers (``workers`` is accepted for the :class:`ImageData` contract); ``pin_memory``
+        puts each batch in page-locked memory for asynchronous copies to a GPU."""
         for start in range(0, len(self), batch_size):
             end = start + batch_size
-            yield self.images[start:end].float().div_(255), self.labels[start:end]
+            x = self.images[start:end].float().div_(255)
+            yield (x.pin_memory() if pin_memory else x), self.labels[start:end]
 
     def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> ImageSet:
         index = torch.as_tensor(index, dtype=torch.int64)
         return ImageSet(name or self.name, self.images[index], self.labels[index])
+
+    def with_labels(self, labels: torch.Tensor, name: str) -> ImageSet:
+        """The same images under other labels (e.g. with label noise)."""
+        return ImageSet(name, self.images, labels)
 
     def fingerprint(self) -> str:
         """A digest of the images and labels: equal for equal data, whatever its name."""
@@ -87,11 +125,11 @@ class Benchmark:
     num_classes: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    id_train: ImageSet
-    id_val: ImageSet
-    id_test: ImageSet
-    ood_test: dict[str, ImageSet]
-    ood_val: dict[str, ImageSet] = field(default_factory=dict)
+    id_train: ImageData
+    id_val: ImageData
+    id_test: ImageData
+    ood_test: dict[str, ImageData]
+    ood_val: dict[str, ImageData] = field(default_factory=dict)
     class_names: tuple[str, ...] = ()
     # OOD test sets reported per set but left out of the headline mean (e.g. synthetic noise,
     # whose AUROC swings by tens of points between neighbouring epochs).

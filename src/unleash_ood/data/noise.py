@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unleash_ood.data.base import ImageSet
+from unleash_ood.data.base import ImageData
 from unleash_ood.errors import UserError
 from unleash_ood.rng import numpy_rng
 
@@ -56,7 +56,7 @@ class TrainingData:
             raise UserError(f"the checkpoint's training-data record is malformed: {d!r}")
         return cls(**d)
 
-    def apply(self, train: ImageSet) -> tuple[ImageSet, np.ndarray]:
+    def apply(self, train: ImageData) -> tuple[ImageData, np.ndarray]:
         """The training set this spec describes, and the indices (into it) of flipped labels."""
         if self.is_full:
             return train, np.zeros(0, dtype=np.int64)
@@ -73,12 +73,15 @@ class TrainingData:
             return train, np.zeros(0, dtype=np.int64)
         noisy, flipped = flip_labels(labels, self.label_noise, self.seed)
         name = f"{train.name}-noise{self.label_noise:g}"
-        return ImageSet(name, train.images, torch.from_numpy(noisy)), flipped
+        return train.with_labels(torch.from_numpy(noisy), name), flipped
 
 
-def stratified_subset(labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """Sorted indices of ``size`` samples, each class kept in proportion (largest remainders)."""
-    rng = numpy_rng(seed, "subset")
+def stratified_subset(
+    labels: np.ndarray, size: int, seed: int, stream: str = "subset"
+) -> np.ndarray:
+    """Sorted indices of ``size`` samples, each class kept in proportion (largest remainders),
+    drawn from the random stream ``stream`` of ``seed`` (:mod:`unleash_ood.rng`)."""
+    rng = numpy_rng(seed, stream)
     classes, counts = np.unique(labels, return_counts=True)
     quota = counts * size / len(labels)
     take = np.floor(quota).astype(int)
