@@ -231,11 +231,12 @@ def test_training_flags_are_built_from_the_specs_fields() -> None:
     """Each Recipe / FinetuneSpec knob has its flag, with the field's default and help."""
     import dataclasses
 
-    from unleash_ood.cli import FINETUNE_FLAGS, RECIPE_FLAGS, build_parser
+    from unleash_ood.cli import FINETUNE_FLAGS, OUTLIER_FLAGS, RECIPE_FLAGS, build_parser
 
     finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
     flags = {a.dest: a for a in finetune._actions}
-    for spec, names in ((Recipe, RECIPE_FLAGS), (FinetuneSpec, FINETUNE_FLAGS)):
+    specs = ((Recipe, RECIPE_FLAGS), (FinetuneSpec, FINETUNE_FLAGS), (OutlierSpec, OUTLIER_FLAGS))
+    for spec, names in specs:
         for f in dataclasses.fields(spec):
             if f.metadata.get("help"):
                 assert f.name in names, f"{spec.__name__}.{f.name} has no flag"

@@ -329,6 +329,16 @@ RECIPE_FLAGS = (
     "seed",
     "save_every",
 )
+OUTLIER_FLAGS = (
+    "aux",
+    "aux_size",
+    "aux_ratio",
+    "m_in",
+    "m_out",
+    "poem_keep",
+    "doe_warmup",
+    "wild_pi",
+)
 FINETUNE_FLAGS = (
     "n_masks",
     "mask_fraction",
@@ -355,18 +365,11 @@ def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
         return None
     return OutlierSpec(
         method=args.outliers,
-        aux=args.aux,
-        aux_size=args.aux_size,
-        aux_ratio=args.aux_ratio,
         weight=args.aux_weight,
-        m_in=args.m_in,
-        m_out=args.m_out,
-        poem_keep=args.poem_keep,
-        doe_warmup=args.doe_warmup,
         wild=args.wild,
-        wild_pi=args.wild_pi,
         wild_margin=args.wild_margin,
         wild_shift=args.wild_shift,
+        **{name: getattr(args, name) for name in OUTLIER_FLAGS},
     )
 
 
@@ -584,18 +587,7 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
         "unlabeled wild mix, see --wild); the ID term stays "
         "--method's (ce, or the UM loss)",
     )
-    g.add_argument(
-        "--aux",
-        default=d.aux,
-        help="auxiliary outliers: bundled (the fmnist suite's own), a .npy file of uint8 "
-        "images, an image folder, or a folder of downsampled-ImageNet batch files",
-    )
-    g.add_argument(
-        "--aux-size", type=int, default=d.aux_size, help="outliers kept per run (seeded subset)"
-    )
-    g.add_argument(
-        "--aux-ratio", type=float, default=d.aux_ratio, help="outliers per ID image in a batch"
-    )
+    _add_spec_flags(g, OutlierSpec, OUTLIER_FLAGS[:3], d)
     g.add_argument(
         "--aux-weight",
         type=float,
@@ -603,22 +595,7 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
         + ", ".join(f"{k} {v}" for k, v in DEFAULT_WEIGHT.items())
         + ")",
     )
-    g.add_argument("--m-in", type=float, default=d.m_in, help="energy/poem: ID energy margin")
-    g.add_argument(
-        "--m-out", type=float, default=d.m_out, help="energy/poem: outlier energy margin"
-    )
-    g.add_argument(
-        "--poem-keep",
-        type=float,
-        default=d.poem_keep,
-        help="poem: fraction of the auxiliary pool selected each epoch",
-    )
-    g.add_argument(
-        "--doe-warmup",
-        type=float,
-        default=d.doe_warmup,
-        help="doe: fraction of epochs trained with plain OE before perturbing",
-    )
+    _add_spec_flags(g, OutlierSpec, OUTLIER_FLAGS[3:7], d)
     g.add_argument(
         "--wild",
         default=None,
@@ -626,9 +603,7 @@ def _add_outlier_args(p: argparse.ArgumentParser) -> None:
         help="woods/scone: outliers of the unlabeled wild mix, any --aux source (default: "
         "bundled); the mix's composition goes to wild.json",
     )
-    g.add_argument(
-        "--wild-pi", type=float, default=d.wild_pi, help="woods/scone: outlier fraction of the mix"
-    )
+    _add_spec_flags(g, OutlierSpec, OUTLIER_FLAGS[7:], d)
     g.add_argument(
         "--wild-margin",
         type=float,

@@ -140,16 +140,20 @@ class OutlierSpec:
     """Which outlier-exposure method and its settings; see ``unleash finetune --help``."""
 
     method: str = "oe"
-    aux: str = "bundled"
-    aux_size: int = 50_000
-    aux_ratio: float = 1.0
+    aux: str = knob(
+        "bundled",
+        "auxiliary outliers: bundled (the fmnist suite's own), a .npy file of uint8 images, an "
+        "image folder, or a folder of downsampled-ImageNet batch files",
+    )
+    aux_size: int = knob(50_000, "outliers kept per run (seeded subset)")
+    aux_ratio: float = knob(1.0, "outliers per ID image in a batch")
     weight: float | None = None  # None: the method's published default
-    m_in: float = -25.0
-    m_out: float = -7.0
-    poem_keep: float = 0.125
-    doe_warmup: float = 0.5
+    m_in: float = knob(-25.0, "energy/poem: ID energy margin")
+    m_out: float = knob(-7.0, "energy/poem: outlier energy margin")
+    poem_keep: float = knob(0.125, "poem: fraction of the auxiliary pool selected each epoch")
+    doe_warmup: float = knob(0.5, "doe: fraction of epochs trained with plain OE before perturbing")
     wild: str | None = None  # woods/scone: the outlier source of the wild mix (as --aux)
-    wild_pi: float = 0.1  # woods/scone: the fraction of outliers in the wild mix
+    wild_pi: float = knob(0.1, "woods/scone: outlier fraction of the mix")
     wild_margin: float | None = None  # None: the method's default (WILD_MARGIN)
     wild_shift: float | None = None  # None: the method's default (WILD_SHIFT)
 
