@@ -13,7 +13,8 @@ from conftest import TORCHRUN
 
 def evaluate_argv(fmnist_dir, ckpt, out) -> list[str]:
     # msp: plain outputs; mahalanobis: fitted on the gathered training outputs; odin: a
-    # gradient scorer, whose scores are sharded and gathered on their own.
+    # gradient scorer, whose scores are sharded and gathered on their own; mode: feature-map
+    # summaries, gathered like the outputs.
     return [
         "evaluate",
         "--checkpoint",
@@ -21,7 +22,7 @@ def evaluate_argv(fmnist_dir, ckpt, out) -> list[str]:
         "--data-dir",
         str(fmnist_dir),
         "--scores",
-        "msp,mahalanobis,odin",
+        "msp,mahalanobis,odin,mode",
         "--batch-size",
         "128",
         "--out",

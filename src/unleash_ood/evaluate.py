@@ -108,6 +108,16 @@ def check_fits(model: Classifier, benchmark: Benchmark) -> None:
         )
 
 
+def check_feature_maps(model: Classifier, scorers: Sequence[Scorer]) -> None:
+    """Refuse, before any work, scorers that read a feature map the model does not expose."""
+    for scorer in scorers:
+        if scorer.map_summaries and not model.exposes_map():
+            raise UserError(
+                f"{scorer.name} needs the model's last feature map before pooling, but "
+                f"{type(model).__name__} does not expose one; drop {scorer.name} from the scorers"
+            )
+
+
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A digest of the weights, so cached outputs are never reused for another model."""
     h = hashlib.blake2b(digest_size=12)
@@ -154,7 +164,22 @@ class OutputCache:
         if features.dtype != np.float32:
             features = features.astype(np.float32)
         tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        return Outputs(torch.from_numpy(features), tensors["logits"], tensors["labels"])
+        summaries = self._summaries(folder, len(tensors["labels"]))
+        return Outputs(torch.from_numpy(features), tensors["logits"], tensors["labels"], summaries)
+
+    @staticmethod
+    def _summaries(folder: Path, n: int) -> dict[str, torch.Tensor]:
+        """The feature-map summaries stored beside the outputs (``summary-<name>.npy``); one
+        that does not fit is left out, so a scorer that needs it has it computed again."""
+        kept = {}
+        for path in sorted(folder.glob("summary-*.npy")):
+            try:
+                array = np.load(path, mmap_mode="c", allow_pickle=False)
+            except (OSError, ValueError):
+                continue
+            if array.dtype == np.float32 and array.ndim >= 2 and len(array) == n:
+                kept[path.stem.removeprefix("summary-")] = torch.from_numpy(array)
+        return kept
 
     def _consistent(self, arrays: dict[str, np.ndarray]) -> bool:
         n = len(arrays["labels"])
@@ -166,7 +191,8 @@ class OutputCache:
         )
 
     def put(self, key: str, out: Outputs) -> None:
-        """Write the three arrays into a temporary folder, then rename it into place."""
+        """Write the arrays (and any map summaries) into a temporary folder, then rename it
+        into place."""
         folder = self._folder(key)
         tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -177,6 +203,7 @@ class OutputCache:
             "logits": out.logits.numpy(),
             "labels": out.labels.numpy(),
         }
+        arrays.update({f"summary-{k}": v.numpy() for k, v in out.summaries.items()})
         for name, array in arrays.items():
             np.save(tmp / f"{name}.npy", np.ascontiguousarray(array), allow_pickle=False)
         shutil.rmtree(folder, ignore_errors=True)
@@ -301,15 +328,21 @@ class Evaluator:
         self.progress = progress and self.dist.main
         self.workers, self.fit_samples, self.seed = workers, fit_samples, seed
         self._outputs: dict[str, Outputs] = {}
+        check_feature_maps(self.model, self.scorers)
+
+    def _summaries(self) -> list[str]:
+        """The feature-map summaries the current scorers read, in first-use order."""
+        return list(dict.fromkeys(n for s in self.scorers for n in s.map_summaries))
 
     def outputs(self, key: str, data: ImageData) -> Outputs:
-        if key not in self._outputs:
+        needed = self._summaries()
+        if key not in self._outputs or not set(needed) <= set(self._outputs[key].summaries):
             # On disk the key names the data too: two benchmarks or data folders sharing a
             # cache folder must never get each other's outputs.
             disk_key = f"{key}-{data.fingerprint()}" if self.cache else key
             out = self.cache.get(disk_key) if self.cache else None
-            if out is None:
-                out = self._forward(data)
+            if out is None or not set(needed) <= set(out.summaries):
+                out = self._forward(data, needed)
                 if self.cache and self.dist.main:
                     self.cache.put(disk_key, out)
             self._outputs[key] = out
@@ -319,25 +352,25 @@ class Evaluator:
         start, end = shard_bounds(len(data), self.dist.rank, self.dist.world)
         return data.subset(torch.arange(start, end))
 
-    def _forward(self, data: ImageData) -> Outputs:
-        """The outputs of ``data``: one forward pass, or this process's shard of it gathered
-        with the others' under torchrun."""
-        args = (self.device, self.batch_size, self.progress, self.autocast, self.workers)
+    def _forward(self, data: ImageData, summaries: Sequence[str] = ()) -> Outputs:
+        """The outputs of ``data`` (with the named feature-map ``summaries``): one forward
+        pass, or this process's shard of it gathered with the others' under torchrun."""
+        args = (self.device, self.batch_size, self.progress, self.autocast, self.workers, summaries)
         if self.dist.world == 1 or not len(data):
             return forward_outputs(self.model, data, *args)
         part = self._shard(data)
-        if len(part):
-            out = forward_outputs(self.model, part, *args)
-            features, logits = out.features, out.logits
-        else:  # more processes than samples
-            features = torch.empty(0, self.model.head.in_features)
-            logits = torch.empty(0, self.model.head.out_features)
-        n = len(data)
-        return Outputs(
-            gather_rows(features, n, self.dist, self.device),
-            gather_rows(logits, n, self.dist, self.device),
-            data.labels.clone(),
+        # With more processes than samples a shard is empty; its process still sends empty
+        # rows of every output's shape, taken from one sample.
+        out = forward_outputs(
+            self.model, part if len(part) else data.subset(torch.tensor([0])), *args
         )
+        n, rows = len(data), len(part)
+
+        def gather(t: torch.Tensor) -> torch.Tensor:
+            return gather_rows(t[:rows], n, self.dist, self.device)
+
+        kept = {name: gather(t) for name, t in out.summaries.items()}
+        return Outputs(gather(out.features), gather(out.logits), data.labels.clone(), kept)
 
     def reuse_outputs(self, other: Evaluator) -> None:
         """Take the outputs ``other`` computed (same model), sparing their forward passes."""

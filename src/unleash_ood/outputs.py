@@ -7,8 +7,8 @@ evaluator runs each model over each dataset once and hands the same ``Outputs`` 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -17,6 +17,7 @@ from unleash_ood.data.base import ImageData
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
 from unleash_ood.models.base import Classifier
+from unleash_ood.models.maps import MAP_SUMMARIES
 
 
 @dataclass(frozen=True)
@@ -25,19 +26,30 @@ class Outputs:
 
     Labels are ``-1`` where a sample has no class (OOD data). Tensors live on the CPU in
     float32 so that scorers see the same numbers whatever device produced them.
+    ``summaries`` holds, by name, the bounded per-sample summaries of the last feature map
+    (:mod:`unleash_ood.models.maps`) that feature-map scorers asked for; empty otherwise.
     """
 
     features: torch.Tensor
     logits: torch.Tensor
     labels: torch.Tensor
+    summaries: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = self.logits.shape[0]
-        if self.features.shape[0] != n or self.labels.shape[0] != n:
-            raise ValueError(
-                f"features, logits and labels disagree on the sample count: "
-                f"{self.features.shape[0]}, {n}, {self.labels.shape[0]}"
+        counts = [self.features.shape[0], self.labels.shape[0]]
+        counts += [t.shape[0] for t in self.summaries.values()]
+        if any(c != n for c in counts):
+            raise ValueError(f"outputs disagree on the sample count: {n} logits, {counts}")
+
+    def summary(self, name: str, scorer: str) -> torch.Tensor:
+        """The map summary ``name`` that ``scorer`` reads; a clear error when absent."""
+        if name not in self.summaries:
+            raise UserError(
+                f"{scorer} reads the {name!r} summary of the model's feature map, which these "
+                f"outputs lack: compute them with forward_outputs(..., summaries=[{name!r}])"
             )
+        return self.summaries[name]
 
     def __len__(self) -> int:
         return self.logits.shape[0]
@@ -79,6 +91,7 @@ def forward_outputs(
     progress: bool = False,
     autocast: torch.dtype | None = None,
     workers: int = 0,
+    summaries: Sequence[str] = (),
 ) -> Outputs:
     """Features and logits of ``data`` in eval mode, gathered on the CPU batch by batch.
 
@@ -86,24 +99,34 @@ def forward_outputs(
     dataset at the first batch: no per-batch tensors to concatenate at the end (a second copy
     of every output), and one copy per batch whatever the model's device and dtype.
     ``autocast`` (``torch.bfloat16`` or ``torch.float16``) runs the forward under mixed
-    precision; the outputs are float32 all the same.
+    precision; the outputs are float32 all the same. Named ``summaries`` of the feature maps
+    (:data:`~unleash_ood.models.maps.MAP_SUMMARIES`) are taken from the same forward pass;
+    only they are kept, never the maps.
     """
     if len(data) == 0:
         raise UserError(f"dataset {data.name!r} is empty; nothing to evaluate")
     model.eval()
     device = torch.device(device)
     features = logits = None
+    kept: dict[str, torch.Tensor] = {}
     start = 0
     for x, _ in progress_batches(data, batch_size, data.name, progress, workers, device):
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
-            feats = model.features(to_device(x, device))
+            if summaries:
+                feats, stages = model.features_with_stages(to_device(x, device))
+                parts = {name: MAP_SUMMARIES[name](stages) for name in summaries}
+            else:
+                feats, parts = model.features(to_device(x, device)), {}
             out = model.head(feats)
         if features is None:
             features = torch.empty(len(data), feats.shape[1])
             logits = torch.empty(len(data), out.shape[1])
+            kept = {name: torch.empty(len(data), *t.shape[1:]) for name, t in parts.items()}
         features[start : start + len(x)].copy_(feats)
         logits[start : start + len(x)].copy_(out)
+        for name, t in parts.items():
+            kept[name][start : start + len(x)].copy_(t)
         start += len(x)
-    result = Outputs(features, logits, data.labels.clone())
+    result = Outputs(features, logits, data.labels.clone(), kept)
     result.check_finite(data.name)
     return result

@@ -40,6 +40,8 @@ GRIDS: dict[str, Grid] = {
     "relation": {"power": (1, 2, 4, 6, 8)},
     "openmax": {"tail": (5, 10, 20, 50), "alpha": (1, 2, 3)},
     "vra": {"low": (40.0, 50.0, 60.0), "high": (85.0, 90.0, 95.0, 99.0)},
+    "mode": {"k": (1, 5, 10, 50)},
+    "forte": {"k": (3, 5, 10)},
 }
 # ViM and its residual: the principal subspace as a fraction of the feature dimension.
 DIM_FRACTIONS = {"vim": (0.25, 0.5, 0.75), "residual": (0.25, 0.5, 0.75)}

@@ -110,6 +110,50 @@ class HeadSplit(Classifier):
             features = self.model.forward_head(self.model.forward_features(x), pre_logits=True)
         else:
             features = self.model(x)
+        return self._check_features(features)
+
+    def exposes_map(self) -> bool:
+        return self.timm_style or self._last_pool() is not None
+
+    def features_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features and the last feature map: timm's ``forward_features`` output, or else the
+        input of the model's last ``nn.AdaptiveAvgPool2d`` (torchvision's ResNets, VGGs,
+        EfficientNets, MobileNets, ConvNeXts; not its DenseNets, which pool functionally)."""
+        x = self._normalise(x)
+        if self.timm_style:
+            fmap = self.model.forward_features(x)
+            features = self.model.forward_head(fmap, pre_logits=True)
+        else:
+            pool = self._last_pool()
+            if pool is None:
+                raise UserError(
+                    f"{type(self.model).__name__} has no nn.AdaptiveAvgPool2d, so it does not "
+                    "expose its last feature map, which the feature-map scorers (mode) need"
+                )
+            seen: list[torch.Tensor] = []
+            handle = pool.register_forward_hook(lambda _m, args, _out: seen.append(args[0]))
+            try:
+                features = self.model(x)
+            finally:
+                handle.remove()
+            fmap = seen[-1] if seen else None
+        if not (isinstance(fmap, torch.Tensor) and fmap.ndim == 4):
+            raise UserError(
+                f"{type(self.model).__name__} has no (N, C, H, W) feature map before its head "
+                "(a transformer's tokens are not one), which the feature-map scorers need"
+            )
+        return self._check_features(features), fmap
+
+    def features_with_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Only the last map: a wrapped model's inner stages have no common names."""
+        features, fmap = self.features_with_map(x)
+        return features, [fmap]
+
+    def _last_pool(self) -> nn.Module | None:
+        pools = [m for m in self.model.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+        return pools[-1] if pools else None
+
+    def _check_features(self, features: object) -> torch.Tensor:
         if not (
             isinstance(features, torch.Tensor)
             and features.ndim == 2

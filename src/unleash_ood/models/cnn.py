@@ -53,3 +53,17 @@ class SmallCNN(Classifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.trunk(x)
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk[:-2](x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        stages = []
+        for layer in self.trunk[:-2]:
+            if isinstance(layer, nn.MaxPool2d):
+                stages.append(x)
+            x = layer(x)
+        return [*stages, x]
+
+    def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.trunk[-2:](fmap)

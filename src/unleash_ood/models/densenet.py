@@ -105,3 +105,17 @@ class DenseNetBC(Classifier):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.body(x))
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        stages = []
+        for layer in self.body:
+            if isinstance(layer, Transition):
+                stages.append(x)  # a dense block's output
+            x = layer(x)
+        return [*stages, x]
+
+    def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.pool(fmap)

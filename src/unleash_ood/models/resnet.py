@@ -85,4 +85,18 @@ class ResNet18(Classifier):
         he_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.stages(self.stem(x)))
+        return self.pool(self.forward_map(x))
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stages(self.stem(x))
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x, stages = self.stem(x), []
+        for i, block in enumerate(self.stages):
+            x = block(x)
+            if i % 2:  # two blocks per resolution
+                stages.append(x)
+        return stages
+
+    def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.pool(fmap)

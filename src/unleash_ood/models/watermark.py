@@ -42,3 +42,12 @@ class Watermarked(Classifier):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.features(x + self.pattern)
+
+    def exposes_map(self) -> bool:
+        return self.model.exposes_map()
+
+    def features_with_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.features_with_map(x + self.pattern)
+
+    def features_with_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        return self.model.features_with_stages(x + self.pattern)

@@ -86,9 +86,25 @@ class WideResNet(Classifier):
             ]
             cin = cout
         self.blocks = nn.Sequential(*blocks)
+        self.blocks_per_stage = n
         self.final = nn.Sequential(_bn_relu(cin), nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(cin, num_classes)
         he_init(self)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final(self.blocks(self.stem(x)))
+
+    def forward_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.final[0](self.blocks(self.stem(x)))
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x, stages = self.stem(x), []
+        for i, block in enumerate(self.blocks, start=1):
+            x = block(x)
+            if i % self.blocks_per_stage == 0:
+                stages.append(x)
+        stages[-1] = self.final[0](x)  # the last map after its BN-ReLU, as forward_map
+        return stages
+
+    def pool_map(self, fmap: torch.Tensor) -> torch.Tensor:
+        return self.final[1:](fmap)

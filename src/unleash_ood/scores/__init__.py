@@ -13,24 +13,31 @@ from unleash_ood.scores.activation import ASHP, SCALE, VRA
 from unleash_ood.scores.base import Scorer
 from unleash_ood.scores.boundary import FDBD, NCI
 from unleash_ood.scores.distance import KNN, Mahalanobis
+from unleash_ood.scores.gram import Gram
+from unleash_ood.scores.layers import LayerMahalanobis
+from unleash_ood.scores.multiscale import MODE
 from unleash_ood.scores.neighbours import NNGuide, Relation
 from unleash_ood.scores.odin import ODIN
 from unleash_ood.scores.probability import KLM, Entropy, GradNorm, TempScale
 from unleash_ood.scores.prototypes import SHE, OpenMax
+from unleash_ood.scores.rankfeat import RankFeat
 from unleash_ood.scores.residual import Residual
 from unleash_ood.scores.rmds import RMDS
 from unleash_ood.scores.shaping import ASHB, ASHS, DICE, ReAct
 from unleash_ood.scores.softmax import GEN, MSP, Energy, MaxLogit
+from unleash_ood.scores.typicality import Forte
 from unleash_ood.scores.vim import ViM
 
 # Display order: the first twelve as before, then the later ones by family: probabilities,
-# the gradient norm, class prototypes, feature distances and geometry, activation shaping.
+# the gradient norm, class prototypes, feature distances and geometry, activation shaping,
+# then the related systems that read the feature map (MODE) or typicality (Forte), and
+# the other feature-map scorers: RankFeat, multi-layer Mahalanobis and Gram.
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls
     for cls in (
         MSP, MaxLogit, Energy, GEN, ODIN, Mahalanobis, KNN, ViM, ReAct, ASHS, ASHB, DICE,
         Entropy, TempScale, KLM, GradNorm, SHE, OpenMax, RMDS, Residual, NNGuide, Relation,
-        FDBD, NCI, ASHP, SCALE, VRA,
+        FDBD, NCI, ASHP, SCALE, VRA, MODE, Forte, RankFeat, LayerMahalanobis, Gram,
     )
 }  # fmt: skip
 
@@ -43,6 +50,7 @@ __all__ = [
     "GEN",
     "KLM",
     "KNN",
+    "MODE",
     "MSP",
     "NCI",
     "ODIN",
@@ -53,11 +61,15 @@ __all__ = [
     "VRA",
     "Energy",
     "Entropy",
+    "Forte",
     "GradNorm",
+    "Gram",
+    "LayerMahalanobis",
     "Mahalanobis",
     "MaxLogit",
     "NNGuide",
     "OpenMax",
+    "RankFeat",
     "ReAct",
     "Relation",
     "Residual",
@@ -99,7 +111,8 @@ def parse_scorer_list(spec: str) -> list[Scorer]:
     """Scorers from a command-line string.
 
     Comma-separated names (``"msp,energy,knn"``), or ``"all"`` alone for every scorer with its
-    defaults. Parameters follow a name after colons: ``"energy:temperature=2,gen:gamma=0.5:m=10"``.
+    defaults. Parameters follow a name after colons: ``"energy:temperature=2,gen:gamma=0.5:m=10"``;
+    a parameter whose default is a word takes a word (``"forte:density=kde"``).
     Each scorer may appear once, since results are reported under the scorer's name.
     """
     entries = [entry.strip() for entry in spec.split(",") if entry.strip()]
@@ -120,6 +133,7 @@ def parse_scorer_list(spec: str) -> list[Scorer]:
 
 def _parse_entry(entry: str) -> Scorer:
     name, *assignments = (part.strip() for part in entry.split(":"))
+    defaults = scorer_params(name)
     params = {}
     for assignment in assignments:
         key, sep, value = assignment.partition("=")
@@ -127,7 +141,8 @@ def _parse_entry(entry: str) -> Scorer:
             raise UserError(
                 f"bad scorer parameter {assignment!r} in {entry!r}: write e.g. knn:k=10"
             )
-        params[key.strip()] = _parse_value(value.strip(), entry)
+        word = isinstance(defaults.get(key.strip()), str)
+        params[key.strip()] = value.strip() if word else _parse_value(value.strip(), entry)
     return make_scorer(name, **params)
 
 

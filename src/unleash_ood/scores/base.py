@@ -37,6 +37,10 @@ class Scorer:
     # The ID split ``fit`` takes: "train", or "val" for calibration-style statistics that an
     # over-fitted training set would distort (temperature scaling, KL-matching templates).
     fit_split: ClassVar[str] = "train"
+    # Summaries of the model's last feature map this scorer reads from ``Outputs.summaries``
+    # (names in ``models.maps.MAP_SUMMARIES``); the evaluator asks the model for its map only
+    # when a scorer lists one.
+    map_summaries: ClassVar[tuple[str, ...]] = ()
 
     def __setattr__(self, name: str, value: object) -> None:
         """Setting a parameter forgets the fitted state: statistics fitted under one value of

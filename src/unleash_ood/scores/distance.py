@@ -89,23 +89,22 @@ def top_candidates(
     return torch.cat([picked, sims[:, groups * group :]], dim=1)
 
 
-def knn_distance(
+def kth_similarity(
     queries: torch.Tensor,
     bank: torch.Tensor,
     k: int,
     query_rows: int = _QUERY_ROWS,
     bank_rows: int = _BANK_ROWS,
 ) -> torch.Tensor:
-    """Euclidean distance from each unit-norm query to its ``k``-th nearest unit-norm bank row.
+    """The ``k``-th largest dot product ``q.b`` of each query row with the bank's rows.
 
-    For unit vectors ``|q - b|^2 = 2 - 2 q.b``, so the k-th nearest neighbour is the k-th
-    largest dot product. The search is tiled over both queries and bank: each chunk of
-    ``query_rows`` queries meets the bank ``bank_rows`` rows at a time and keeps a running
-    ``k`` best similarities per query, merged with each tile's :func:`top_candidates` above
-    the current k-th best. Time is therefore linear in the bank, and the memory beyond the
-    inputs is one ``query_rows x bank_rows`` block, allocated once (a fresh block per tile
-    costs as much in page faults as the product itself), whatever the bank's size; the bank
-    is only read. The bank must have at least ``k`` rows.
+    The search is tiled over both queries and bank: each chunk of ``query_rows`` queries
+    meets the bank ``bank_rows`` rows at a time and keeps a running ``k`` best similarities
+    per query, merged with each tile's :func:`top_candidates` above the current k-th best.
+    Time is therefore linear in the bank, and the memory beyond the inputs is one
+    ``query_rows x bank_rows`` block, allocated once (a fresh block per tile costs as much in
+    page faults as the product itself), whatever the bank's size; the bank is only read. The
+    bank must have at least ``k`` rows.
     """
     tile = bank.new_empty(min(query_rows, len(queries)) * min(bank_rows, len(bank)))
     kth = []
@@ -118,7 +117,36 @@ def knn_distance(
             if found.shape[1]:
                 best = torch.cat([best, found], dim=1).topk(k, dim=1, sorted=False).values
         kth.append(best.amin(dim=1))
-    return (2 - 2 * torch.cat(kth).double()).clamp_min(0).sqrt()
+    return torch.cat(kth)
+
+
+def knn_distance(
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int,
+    query_rows: int = _QUERY_ROWS,
+    bank_rows: int = _BANK_ROWS,
+) -> torch.Tensor:
+    """Euclidean distance from each unit-norm query to its ``k``-th nearest unit-norm bank row.
+
+    For unit vectors ``|q - b|^2 = 2 - 2 q.b``, so the k-th nearest neighbour is the k-th
+    largest dot product (:func:`kth_similarity`, tiled, linear in the bank).
+    """
+    kth = kth_similarity(queries, bank, k, query_rows, bank_rows)
+    return (2 - 2 * kth.double()).clamp_min(0).sqrt()
+
+
+def euclidean_knn_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    """Euclidean distance from each query to its ``k``-th nearest bank row, any norms.
+
+    The same tiled search on ``[q, 1]`` and ``[b, -|b|^2 / 2]``, whose dot product
+    ``q.b - |b|^2 / 2 = (|q|^2 - |q - b|^2) / 2`` orders the bank by distance to ``q``.
+    Searching a set against itself, the nearest row of each is itself: ask for ``k + 1``.
+    """
+    ones = queries.new_ones(len(queries), 1)
+    lifted = torch.cat([bank, -0.5 * bank.square().sum(dim=1, keepdim=True)], dim=1)
+    kth = kth_similarity(torch.cat([queries, ones], dim=1), lifted, k)
+    return (queries.double().square().sum(dim=1) - 2 * kth.double()).clamp_min(0).sqrt()
 
 
 @dataclass
