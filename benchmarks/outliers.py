@@ -30,6 +30,7 @@ import torch
 from _common import mean_std_table, per_run_summaries, run_seed
 
 from unleash_ood.checkpoint import atomic_write_json, load_checkpoint
+from unleash_ood.context import RunContext
 from unleash_ood.data import load_benchmark
 from unleash_ood.evaluate import evaluate
 from unleash_ood.method.finetune import FinetuneSpec, choose_xi, finetune, finetune_recipe
@@ -48,7 +49,8 @@ def xi_of(bench, run: Path, seed: int, device) -> str:
     if not made.exists() and not here.exists():
         spec, recipe = FinetuneSpec(method="um"), finetune_recipe("um", seed=seed)
         start = run / "checkpoints" / "last"
-        choice = choose_xi(bench, start, spec, recipe, here.parent, device, progress=False)
+        ctx = RunContext(bench, here.parent, device, progress=False)
+        choice = choose_xi(ctx, start, spec, recipe)
         here.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_json(here, {"xi": choice.xi})
     return repr(json.loads((made if made.exists() else here).read_text())["xi"])

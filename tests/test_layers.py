@@ -25,6 +25,7 @@ LOWER = (
     "device",
     "augment",
     "tables",
+    "context",
 )
 UPPER = ("method", "train", "evaluate", "report", "track", "tune", "demo", "cli", "generative")
 # The command line imports each command's modules when the command runs (an instant --help);

@@ -258,27 +258,18 @@ def cmd_track(args: argparse.Namespace) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    from unleash_ood.context import RunContext
     from unleash_ood.data import load_benchmark
     from unleash_ood.data.noise import TrainingData
-    from unleash_ood.device import resolve_device
-    from unleash_ood.train import pretrain
+    from unleash_ood.train import pretrain_run
 
     check_writable(Path(args.out))
     recipe = _recipe_from(args, model=args.model, model_kwargs=_model_kwargs(args.model_arg))
     train_data = TrainingData(args.train_size, args.label_noise, recipe.seed)
-    device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
-    tracker = _tracker(args, bench, device) if args.track else None
-    history = pretrain(
-        bench,
-        recipe,
-        Path(args.out),
-        device,
-        resume=args.resume,
-        progress=not args.no_progress,
-        on_save=tracker,
-        train_data=train_data,
-    )
+    ctx = RunContext.open(bench, args.out, args.device, progress=not args.no_progress)
+    tracker = _tracker(args, bench, ctx.device) if args.track else None
+    history = pretrain_run(ctx, recipe, args.resume, tracker, train_data)
     if history:
         last = history[-1]
         print(
@@ -386,9 +377,9 @@ def _method(args: argparse.Namespace) -> str:
 
 def cmd_finetune(args: argparse.Namespace) -> None:
     from unleash_ood.checkpoint import read_sidecar
+    from unleash_ood.context import RunContext
     from unleash_ood.data import load_benchmark
-    from unleash_ood.device import resolve_device
-    from unleash_ood.method.finetune import finetune
+    from unleash_ood.method.finetune import finetune_run
 
     check_writable(Path(args.out))
     start = read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
@@ -405,20 +396,11 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         model=start["architecture"],
         model_kwargs=start.get("model_kwargs", {}),
     )
-    device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
-    tracker = _tracker(args, bench, device) if args.track else None
-    final, choice = finetune(
-        bench,
-        Path(args.from_),
-        spec,
-        recipe,
-        Path(args.out),
-        device,
-        resume=args.resume,
-        progress=not args.no_progress,
-        on_save=tracker,
-        recipe_name=recipe_name,
+    ctx = RunContext.open(bench, args.out, args.device, progress=not args.no_progress)
+    tracker = _tracker(args, bench, ctx.device) if args.track else None
+    final, choice = finetune_run(
+        ctx, Path(args.from_), spec, recipe, args.resume, tracker, recipe_name
     )
     xi = "none (plain cross-entropy)" if choice.xi is None else f"{choice.xi:.4g} ({choice.source})"
     if choice.estimate:

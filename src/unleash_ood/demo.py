@@ -25,6 +25,7 @@ from unleash_ood.checkpoint import (
     load_checkpoint,
     read_sidecar,
 )
+from unleash_ood.context import RunContext
 from unleash_ood.data import load_benchmark
 from unleash_ood.data.base import Benchmark
 from unleash_ood.errors import UserError
@@ -173,17 +174,9 @@ def trained_finetunes(
                 "train_size": len(bench.id_train),
             },
         )
-        finals[method] = run_finetune(
-            bench,
-            start,
-            FinetuneSpec(method=method),
-            r,
-            out / method,
-            device,
-            xi,
-            progress=progress,
-            extra={"recipe_name": plan.recipe},
-        )
+        ctx = RunContext(bench, out / method, device, progress=progress)
+        extra = {"recipe_name": plan.recipe}
+        finals[method] = run_finetune(ctx, start, FinetuneSpec(method=method), r, xi, extra=extra)
     return finals, est.to_dict()
 
 
@@ -192,17 +185,9 @@ def live_um(bench: Benchmark, out: Path, device: torch.device, plan: DemoPlan, p
     xi = read_sidecar(shipped_checkpoint("um"))["finetune"]["xi"]
     subset = _with_subset(bench, plan.live_images)
     recipe = finetune_recipe("um", "quick", epochs=plan.live_epochs)
-    run_finetune(
-        subset,
-        shipped_checkpoint(),
-        FinetuneSpec(method="um"),
-        recipe,
-        out / "live_um",
-        device,
-        xi,
-        progress=progress,
-        extra={"recipe_name": "quick"},
-    )
+    ctx = RunContext(subset, out / "live_um", device, progress=progress)
+    spec = FinetuneSpec(method="um")
+    run_finetune(ctx, shipped_checkpoint(), spec, recipe, xi, extra={"recipe_name": "quick"})
     return xi, (out / "live_um" / "log.txt").read_text().strip()
 
 

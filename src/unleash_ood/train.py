@@ -37,6 +37,7 @@ from unleash_ood.checkpoint import (
     read_tensors,
     save_checkpoint,
 )
+from unleash_ood.context import RunContext
 from unleash_ood.data.base import ImageData
 from unleash_ood.data.noise import TrainingData
 from unleash_ood.data.streaming import load_batches
@@ -453,15 +454,29 @@ def pretrain(
     benchmark,
     recipe: Recipe,
     out: Path,
-    device: torch.device,
+    device: torch.device | str = "auto",
     resume: bool = False,
     progress: bool = True,
     on_save: Callable[[int, Classifier, dict], None] | None = None,
     train_data: TrainingData | None = None,
 ) -> list[EpochStats]:
-    """Train ``recipe.model`` from scratch on ``benchmark``'s ID training split, or on the
-    subset / noisy labels ``train_data`` describes (recorded in every checkpoint, so fine-tunes
-    of the model train on the same data; flipped indices in ``out/label_noise.json``)."""
+    """:func:`pretrain_run` in a :class:`~unleash_ood.context.RunContext` made here."""
+    ctx = RunContext.open(benchmark, out, device, progress)
+    return pretrain_run(ctx, recipe, resume, on_save, train_data)
+
+
+def pretrain_run(
+    ctx: RunContext,
+    recipe: Recipe,
+    resume: bool = False,
+    on_save: Callable[[int, Classifier, dict], None] | None = None,
+    train_data: TrainingData | None = None,
+) -> list[EpochStats]:
+    """Train ``recipe.model`` from scratch on the ID training split of ``ctx.benchmark``, or
+    on the subset / noisy labels ``train_data`` describes (recorded in every checkpoint, so
+    fine-tunes of the model train on the same data; flipped indices in
+    ``out/label_noise.json``)."""
+    benchmark, out = ctx.benchmark, ctx.out
     if resume:
         check_resumable(out)
     train_data = train_data or TrainingData()
@@ -484,13 +499,13 @@ def pretrain(
         train_set,
         benchmark.id_val,
         out,
-        device,
+        ctx.device,
         spec,
-        progress=progress,
+        progress=ctx.progress,
         extra_meta={"benchmark": benchmark.name, **data_meta},
         on_save=on_save,
     )
-    if trainer.dist.main:
+    if ctx.main:
         if not resume:
             check_fresh(out)
         out.mkdir(parents=True, exist_ok=True)

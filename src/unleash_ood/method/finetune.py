@@ -21,9 +21,9 @@ from unleash_ood.checkpoint import (
     save_checkpoint,
     spec_of,
 )
+from unleash_ood.context import RunContext
 from unleash_ood.data.base import Benchmark
 from unleash_ood.data.noise import TrainingData
-from unleash_ood.device import current_dist, init_distributed
 from unleash_ood.errors import UserError
 from unleash_ood.evaluate import evaluate
 from unleash_ood.method.constraint import (
@@ -93,19 +93,18 @@ def make_objective(
 
 
 def run_finetune(
-    benchmark: Benchmark,
+    ctx: RunContext,
     start: Path,
     spec: FinetuneSpec,
     recipe: Recipe,
-    out: Path,
-    device: torch.device,
     xi: float | None,
     resume: bool = False,
-    progress: bool = True,
     on_save=None,
     extra: dict | None = None,
 ) -> Path:
-    """One fine-tune with a fixed xi (None for CE); returns the dense ``final`` checkpoint."""
+    """One fine-tune with a fixed xi (None for CE) into ``ctx.out``; returns the dense
+    ``final`` checkpoint (written by the main process)."""
+    benchmark, out, device = ctx.benchmark, ctx.out, ctx.device
     model, meta = load_checkpoint(start, device, benchmark.num_classes, benchmark.image_shape)
     dense_spec = spec_of(meta)
     seed_global(recipe.seed, "init")
@@ -122,7 +121,7 @@ def run_finetune(
         **(extra or {}),
     }
     objective = make_objective(benchmark, spec, recipe, xi)
-    if isinstance(objective, WildObjective):  # which wild images are ID, shifted, outliers
+    if isinstance(objective, WildObjective) and ctx.main:  # which images are ID, shifted, outliers
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "wild.json", objective.mix.composition())
     trainer = Trainer(
@@ -134,7 +133,7 @@ def run_finetune(
         device,
         dense_spec,
         objective=objective,
-        progress=progress,
+        progress=ctx.progress,
         on_save=on_save,
         extra_meta={
             "benchmark": benchmark.name,
@@ -172,49 +171,35 @@ def run_finetune(
     return final
 
 
-def _estimate(
-    model,
-    benchmark: Benchmark,
-    spec: FinetuneSpec,
-    recipe: Recipe,
-    device: torch.device,
-    progress: bool,
-) -> XiEstimate:
+def _estimate(model, ctx: RunContext, spec: FinetuneSpec, recipe: Recipe) -> XiEstimate:
     return estimate_loss_constraint(
         model,
-        benchmark.id_train,
+        ctx.benchmark.id_train,
         spec.mask_fraction,
         recipe.seed,
         spec.n_masks,
         recipe.augment,
-        device,
+        ctx.device,
         reduction=spec.xi_reduction,
-        progress=progress,
+        progress=ctx.progress,
     )
 
 
-def choose_xi(
-    benchmark: Benchmark,
-    start: Path,
-    spec: FinetuneSpec,
-    recipe: Recipe,
-    out: Path,
-    device: torch.device,
-    progress: bool,
-) -> XiChoice:
+def choose_xi(ctx: RunContext, start: Path, spec: FinetuneSpec, recipe: Recipe) -> XiChoice:
     """Resolve ``spec.xi`` to a number, refusing values at which UM would do nothing."""
     if spec.loss == "ce":
         return XiChoice("none", None)
-    model, _ = load_checkpoint(start, device, benchmark.num_classes, benchmark.image_shape)
+    bench = ctx.benchmark
+    model, _ = load_checkpoint(start, ctx.device, bench.num_classes, bench.image_shape)
     if spec.xi == "validate":
-        return validate_xi(model, benchmark, start, spec, recipe, out, device, progress)
+        return validate_xi(ctx, model, start, spec, recipe)
     if spec.xi == "estimate":
-        est = _estimate(model, benchmark, spec, recipe, device, progress)
+        est = _estimate(model, ctx, spec, recipe)
         choice = XiChoice("estimate", est.xi, est.train_loss, est.to_dict())
     else:
-        label = "training loss" if progress else None
+        label = "training loss" if ctx.progress else None
         loss = mean_train_loss(
-            model, benchmark.id_train, recipe.augment, recipe.seed, device, progress=label
+            model, bench.id_train, recipe.augment, recipe.seed, ctx.device, progress=label
         )
         choice = XiChoice("given", float(spec.xi), loss)
     if choice.xi <= choice.train_loss:
@@ -223,21 +208,16 @@ def choose_xi(
 
 
 def validate_xi(
-    model,
-    benchmark: Benchmark,
-    start: Path,
-    spec: FinetuneSpec,
-    recipe: Recipe,
-    out: Path,
-    device: torch.device,
-    progress: bool,
+    ctx: RunContext, model, start: Path, spec: FinetuneSpec, recipe: Recipe
 ) -> XiChoice:
-    """Fine-tune once per candidate xi (multiples of the random-mask estimate) and keep the one
-    with the best mean Energy AUROC on the OOD *validation* sets among candidates whose ID
-    validation accuracy stays within ``acc_tolerance`` of the starting model's."""
-    est = _estimate(model, benchmark, spec, recipe, device, progress)
+    """Fine-tune once per candidate xi (multiples of the random-mask estimate, each into
+    ``ctx.out/xi_search``) and keep the one with the best mean Energy AUROC on the OOD
+    *validation* sets among candidates whose ID validation accuracy stays within
+    ``acc_tolerance`` of the starting model's."""
+    bench, device = ctx.benchmark, ctx.device
+    est = _estimate(model, ctx, spec, recipe)
     base_acc = evaluate(
-        model, benchmark, "energy", splits=("val",), device=device, progress=False
+        model, bench, "energy", splits=("val",), device=device, progress=False
     ).accuracy["id_val"]
     candidates = sorted({round(est.xi * f, 6) for f in spec.xi_grid})
     candidates = [x for x in candidates if x > est.train_loss]
@@ -245,13 +225,13 @@ def validate_xi(
         raise noop_error(max(est.xi * f for f in spec.xi_grid), est.train_loss)
     grid = []
     for xi in candidates:
-        run = out / "xi_search" / f"xi_{xi:.6g}"
+        run = ctx.out / "xi_search" / f"xi_{xi:.6g}"
         final = run / "checkpoints" / "final"
         if not final.with_suffix(".json").exists():
-            run_finetune(benchmark, start, spec, recipe, run, device, xi, progress=progress)
-        current_dist().barrier()  # the main process writes ``final``; every process reads it
+            run_finetune(ctx.under(run), start, spec, recipe, xi)
+        ctx.barrier()  # the main process writes ``final``; every process reads it
         tuned, _ = load_checkpoint(final, device)
-        ev = evaluate(tuned, benchmark, "energy", splits=("val",), device=device, progress=False)
+        ev = evaluate(tuned, bench, "energy", splits=("val",), device=device, progress=False)
         grid.append(
             {
                 "xi": xi,
@@ -285,9 +265,23 @@ def finetune(
     spec: FinetuneSpec,
     recipe: Recipe,
     out: Path,
-    device: torch.device,
+    device: torch.device | str = "auto",
     resume: bool = False,
     progress: bool = True,
+    on_save=None,
+    recipe_name: str | None = None,
+) -> tuple[Path, XiChoice]:
+    """:func:`finetune_run` in a :class:`~unleash_ood.context.RunContext` made here."""
+    ctx = RunContext.open(benchmark, out, device, progress)
+    return finetune_run(ctx, start, spec, recipe, resume, on_save, recipe_name)
+
+
+def finetune_run(
+    ctx: RunContext,
+    start: Path,
+    spec: FinetuneSpec,
+    recipe: Recipe,
+    resume: bool = False,
     on_save=None,
     recipe_name: str | None = None,
 ) -> tuple[Path, XiChoice]:
@@ -296,19 +290,19 @@ def finetune(
     The model is fine-tuned on the training data it was trained on: a start checkpoint that
     records a subset or label noise (``unleash pretrain --label-noise``) brings it along.
 
-    Under ``torchrun`` every process joins the group first (and takes its own GPU), chooses xi
-    the same way (the estimate is deterministic), and fine-tunes its shard; only the main
-    process writes, and the others wait for it before reading what it wrote.
+    Under ``torchrun`` every process (``ctx`` has joined the group and taken its own GPU)
+    chooses xi the same way (the estimate is deterministic) and fine-tunes its shard; only the
+    main process writes, and the others wait for it before reading what it wrote.
     """
     spec.check()
     recipe.check()
-    ranks, device = init_distributed(device)
     if read_sidecar(start).get("watermark"):
         raise UserError(
             f"{start} is a watermarked model (a frozen model plus an input pattern); "
             f"fine-tune the model it was made from"
         )
-    benchmark = with_start_training_data(benchmark, start)
+    ctx = ctx.on(with_start_training_data(ctx.benchmark, start))
+    out = ctx.out
     xi_file = out / "xi.json"
     if resume:
         if not xi_file.exists():
@@ -319,8 +313,8 @@ def finetune(
         choice = XiChoice(**json.loads(xi_file.read_text()))
     else:
         check_fresh(out)
-        choice = choose_xi(benchmark, start, spec, recipe, out, device, progress)
-        if ranks.main:
+        choice = choose_xi(ctx, start, spec, recipe)
+        if ctx.main:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_json(xi_file, asdict(choice))
             atomic_write_json(
@@ -331,29 +325,18 @@ def finetune(
                     "spec": asdict(spec),
                     "recipe_name": recipe_name,
                     "recipe": asdict(recipe),
-                    "train_size": len(benchmark.id_train),
-                    "processes": ranks.world,
+                    "train_size": len(ctx.benchmark.id_train),
+                    "processes": ctx.dist.world,
                 },
             )
     if choice.source == "validate" and not resume:
         chosen = next(Path(g["run"]) for g in choice.grid if g["xi"] == choice.xi)
-        if ranks.main:
+        if ctx.main:
             shutil.copytree(chosen / "checkpoints", out / "checkpoints")
             if on_save is not None:  # e.g. --track: the chosen run's epochs, as if trained here
-                replay_saves(out, on_save, device, benchmark, progress)
-        ranks.barrier()
+                replay_saves(out, on_save, ctx.device, ctx.benchmark, ctx.progress)
+        ctx.barrier()
         return out / "checkpoints" / "final", choice
-    final = run_finetune(
-        benchmark,
-        start,
-        spec,
-        recipe,
-        out,
-        device,
-        choice.xi,
-        resume,
-        progress,
-        on_save,
-        extra={"xi_source": choice.source, "recipe_name": recipe_name},
-    )
+    extra = {"xi_source": choice.source, "recipe_name": recipe_name}
+    final = run_finetune(ctx, start, spec, recipe, choice.xi, resume, on_save, extra)
     return final, choice
