@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from unleash_ood.checkpoint import model_spec, save_checkpoint
+from unleash_ood.checkpoint import load_checkpoint, model_spec, save_checkpoint
+from unleash_ood.method.finetune import finetune
 from unleash_ood.models import create_model
 
 
@@ -109,3 +110,26 @@ def finetune_argv(fmnist_dir: Path, ckpt: Path, out: Path, *extra: str) -> list[
         "--no-progress",
         *extra,
     ]
+
+
+class Interrupt(Exception):
+    """Stands for a run stopped after its first saved epoch."""
+
+
+def _stop_after_first_epoch(epoch, model, stats) -> None:
+    if epoch == 1:
+        raise Interrupt
+
+
+def interrupted_and_resumed(benchmark, checkpoint, spec, recipe, tmp_path: Path):
+    """Fine-tune ``spec`` straight through into ``tmp_path/a``, and stopped after the first
+    epoch then resumed into ``tmp_path/b``; returns both final models' state dicts."""
+
+    def run(out: Path, **kwargs):
+        return finetune(benchmark, checkpoint, spec, recipe, out, "cpu", progress=False, **kwargs)
+
+    whole, _ = run(tmp_path / "a")
+    with pytest.raises(Interrupt):
+        run(tmp_path / "b", on_save=_stop_after_first_epoch)
+    resumed, _ = run(tmp_path / "b", resume=True)
+    return load_checkpoint(whole)[0].state_dict(), load_checkpoint(resumed)[0].state_dict()

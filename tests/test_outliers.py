@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +15,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import TORCHRUN, finetune_argv
+from conftest import TORCHRUN, finetune_argv, interrupted_and_resumed
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.data.base import ImageSet
 from unleash_ood.method.constraint import um_loss
 from unleash_ood.method.doe import Perturbation, frozen_bn_stats, surrogate_direction
-from unleash_ood.method.finetune import FinetuneSpec, finetune, finetune_recipe
+from unleash_ood.method.finetune import FinetuneSpec, finetune_recipe
 from unleash_ood.method.outliers import (
     OUTLIER_METHODS,
     OutlierObjective,
@@ -266,15 +265,6 @@ def test_bad_outlier_flags_are_one_line_errors(capsys, fmnist_dir, tiny_checkpoi
     assert "--aux-ratio must be a finite number > 0" in capsys.readouterr().err
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _stop_after_first_epoch(epoch, model, stats) -> None:
-    if epoch == 1:
-        raise Interrupt
-
-
 @pytest.mark.parametrize("outliers", ["poem", "doe"])
 def test_resume_restores_the_objectives_state(
     tiny_benchmark, tiny_checkpoint, tmp_path: Path, outliers: str
@@ -283,16 +273,8 @@ def test_resume_restores_the_objectives_state(
         method="ce", outliers=OutlierSpec(method=outliers, aux_size=400, doe_warmup=0.0)
     )
     recipe = finetune_recipe("ce", epochs=2, batch_size=128)
-    run = partial(finetune, tiny_benchmark, tiny_checkpoint, spec, recipe, progress=False)
-    cpu = torch.device("cpu")
-    whole, _ = run(tmp_path / "a", cpu)
-    with pytest.raises(Interrupt):
-        run(tmp_path / "b", cpu, on_save=_stop_after_first_epoch)
-    resumed, _ = run(tmp_path / "b", cpu, resume=True)
-    a, _ = load_checkpoint(whole)
-    b, _ = load_checkpoint(resumed)
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.equal(x, y), name
+    a, b = interrupted_and_resumed(tiny_benchmark, tiny_checkpoint, spec, recipe, tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_doe_under_torchrun_agrees_with_one_process(fmnist_dir, tiny_checkpoint, tmp_path) -> None:

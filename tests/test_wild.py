@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import finetune_argv
+from conftest import finetune_argv, interrupted_and_resumed
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.data.base import ImageSet
 from unleash_ood.errors import UserError
-from unleash_ood.method.finetune import FinetuneSpec, finetune, finetune_recipe
+from unleash_ood.method.finetune import FinetuneSpec, finetune_recipe
 from unleash_ood.method.wild import (
     GAUSSIAN_SEVERITIES,
     AlmSettings,
@@ -161,28 +160,11 @@ def test_bad_wild_flags_are_one_line_errors(capsys, fmnist_dir, tiny_checkpoint,
         assert not (out / "checkpoints").exists()
 
 
-class Interrupt(Exception):
-    pass
-
-
-def _stop_after_first_epoch(epoch, model, stats) -> None:
-    if epoch == 1:
-        raise Interrupt
-
-
 def test_resume_restores_the_multipliers(tiny_benchmark, tiny_checkpoint, tmp_path: Path):
     spec = FinetuneSpec(method="ce", outliers=OutlierSpec(method="woods", wild_pi=0.2))
     recipe = finetune_recipe("ce", epochs=2, batch_size=128)
-    run = partial(finetune, tiny_benchmark, tiny_checkpoint, spec, recipe, progress=False)
-    cpu = torch.device("cpu")
-    whole, _ = run(tmp_path / "a", cpu)
-    with pytest.raises(Interrupt):
-        run(tmp_path / "b", cpu, on_save=_stop_after_first_epoch)
-    resumed, _ = run(tmp_path / "b", cpu, resume=True)
-    a, _ = load_checkpoint(whole)
-    b, _ = load_checkpoint(resumed)
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
-        assert torch.equal(x, y), name
+    a, b = interrupted_and_resumed(tiny_benchmark, tiny_checkpoint, spec, recipe, tmp_path)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (tmp_path / "a" / "wild.json").read_text() == (tmp_path / "b" / "wild.json").read_text()
     from safetensors.torch import load_file
 

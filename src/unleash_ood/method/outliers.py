@@ -23,6 +23,7 @@ registered with :func:`register`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -142,18 +143,28 @@ class OutlierObjective(Objective):
     ):
         spec.check()
         self.spec, self.id_loss, self.epochs, self.id_train = spec, id_loss(xi), epochs, id_train
+        self.seed = seed
         self.stream = OutlierStream(aux, spec.aux_batch(batch_size), augmentation, seed)
+        self.setup()
+
+    def setup(self) -> None:
+        """What a method prepares beyond the shared state (POEM: its selector)."""
+
+    @classmethod
+    def outlier_source(cls, spec: OutlierSpec, benchmark: Benchmark, recipe: Recipe) -> Any:
+        """What the method draws its outlier batches from: ``--aux``'s images."""
+        c, h, _ = benchmark.image_shape
+        return load_aux(spec.aux, h, c, spec.aux_size, recipe.seed)
 
     @classmethod
     def build(
         cls, spec: OutlierSpec, benchmark: Benchmark, recipe: Recipe, xi: float | None
     ) -> OutlierObjective:
         """The objective of ``spec`` for a fine-tune of ``recipe`` on ``benchmark``."""
-        c, h, _ = benchmark.image_shape
-        aux = load_aux(spec.aux, h, c, spec.aux_size, recipe.seed)
+        source = cls.outlier_source(spec, benchmark, recipe)
         return cls(
             spec,
-            aux,
+            source,
             xi,
             recipe.batch_size,
             recipe.epochs,

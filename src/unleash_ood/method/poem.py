@@ -23,7 +23,6 @@ from unleash_ood.data.base import ImageSet
 from unleash_ood.method.outliers import EnergyOE, register
 from unleash_ood.outputs import forward_outputs
 from unleash_ood.rng import torch_generator
-from unleash_ood.specs import OutlierSpec
 
 PRIOR_VAR = 20.0
 NOISE_VAR = 0.5
@@ -84,21 +83,10 @@ class Poem(EnergyOE):
     Its buffer of recent selections is saved for ``--resume``.
     """
 
-    def __init__(
-        self,
-        spec: OutlierSpec,
-        aux: ImageSet,
-        xi: float | None,
-        batch_size: int,
-        epochs: int,
-        augmentation: str,
-        seed: int,
-        id_train: ImageSet | None = None,
-    ):
-        if id_train is None:
+    def setup(self) -> None:
+        if self.id_train is None:
             raise ValueError("POEM needs the ID training set for its regression")
-        super().__init__(spec, aux, xi, batch_size, epochs, augmentation, seed, id_train)
-        self.selector = PoemSelector(spec.poem_keep, seed)
+        self.selector = PoemSelector(self.spec.poem_keep, self.seed)
 
     def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:
         self.stream.pool = self.selector.select(model, self.stream.aux, self.id_train, epoch)

@@ -233,21 +233,9 @@ class WildObjective(OutlierObjective):
         self.base_loss: float | None = None
 
     @classmethod
-    def build(
-        cls, spec: OutlierSpec, benchmark: Benchmark, recipe: Recipe, xi: float | None
-    ) -> WildObjective:
-        """The objective of ``spec`` with its wild mix (built, or read back when resuming)."""
-        mix = load_wild_mix(spec, benchmark.id_train, recipe.seed)
-        return cls(
-            spec,
-            mix,
-            xi,
-            recipe.batch_size,
-            recipe.epochs,
-            recipe.augment,
-            recipe.seed,
-            benchmark.id_train,
-        )
+    def outlier_source(cls, spec: OutlierSpec, benchmark: Benchmark, recipe: Recipe) -> WildMix:
+        """The wild mix (built, or read back when resuming) instead of ``--aux``'s images."""
+        return load_wild_mix(spec, benchmark.id_train, recipe.seed)
 
     def named_parameters(self):
         return self.logistic.named_parameters(prefix="logistic")
