@@ -1,0 +1,258 @@
+"""AMA: its mirrored pairs, losses and score on hand-computed cases, its training step, the
+epoch selection on OOD validation sets, and the commands."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from unleash_ood.cli import main
+from unleash_ood.data.base import ImageSet
+from unleash_ood.errors import UserError
+from unleash_ood.generative import create_detector, parse_detector_scores
+from unleash_ood.generative.ama import AMA, AMAScore, feature_distance, mirrored_pairs
+from unleash_ood.generative.trainer import (
+    DEFAULT_RECIPES,
+    DetectorTrainer,
+    load_detector,
+    selection_auroc,
+    train_detector,
+)
+from unleash_ood.metrics import ood_metrics
+
+TINY_AMA = {"width": 2, "gen_width": 4, "critic_width": 4, "latent": 4}
+
+
+def half_grey_ama() -> AMA:
+    """An AMA whose generator draws 0.5 everywhere (in [-1, 1]) and whose critic is replaced
+    by sums: ``features`` = each channel summed over space, ``D`` = mean of the second half."""
+    torch.manual_seed(0)
+    model = create_detector("ama", 1, 28, **TINY_AMA)
+    with torch.no_grad():
+        for p in model.generator.parameters():
+            p.zero_()
+        model.generator[-2].bias.fill_(math.atanh(0.5))
+    model.critic.features = lambda pair: pair.sum((2, 3))
+    model.critic.forward = lambda pair: pair[:, 1:].mean((1, 2, 3))
+    return model.eval()
+
+
+def test_mirrored_pairs_stack_along_channels() -> None:
+    x, rec = torch.rand(2, 3, 4, 4), torch.rand(2, 3, 4, 4)
+    real, fake = mirrored_pairs(x, rec)
+    assert real.shape == fake.shape == (2, 6, 4, 4)
+    assert torch.equal(real[:, :3], x) and torch.equal(real[:, 3:], x)
+    assert torch.equal(fake[:, :3], x) and torch.equal(fake[:, 3:], rec)
+
+
+def test_feature_distance_is_l1_per_sample() -> None:
+    a = torch.tensor([[1.0, -2.0, 0.5], [0.0, 0.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0, 0.5], [0.0, 3.0, -1.0]])
+    assert feature_distance(a, b).tolist() == [4.0, 4.0]
+
+
+def test_ama_score_by_hand() -> None:
+    """White and black 28x28 images, padded with black (-1) to 32: the pair (x, x) sums to
+    (S, S), the pair (x, G(E(x))) to (S, 0.5 * 1024), so the distance is |S - 512|."""
+    model = half_grey_ama()
+    x = torch.stack([torch.ones(1, 28, 28), torch.zeros(1, 28, 28)])
+    s_white, s_black = 784 - 240, -1024
+    expected = [abs(s_white - 512), abs(s_black - 512)]
+    assert model(x).tolist() == pytest.approx(expected, rel=1e-5)
+    assert AMAScore().score_batch(model, x).tolist() == pytest.approx(
+        [-e for e in expected], rel=1e-5
+    )
+
+
+def test_ama_losses_by_hand() -> None:
+    """Critic: mean D(x, G(E(x))) - mean D(x, x) = 0.5 - mean(x); autoencoder: -0.5 and
+    the mean latent norm."""
+    model = half_grey_ama()
+    x = model.prepare(torch.rand(3, 1, 28, 28))
+    assert model.critic_loss(x).item() == pytest.approx(0.5 - x.mean().item(), rel=1e-5)
+    adversarial, norm = model.autoencoder_loss(x)
+    assert adversarial.item() == pytest.approx(-0.5, rel=1e-5)
+    assert norm.item() == pytest.approx(model.encoder(x).norm(dim=1).mean().item(), rel=1e-5)
+
+
+def test_prepare_scales_and_pads_to_32() -> None:
+    model = create_detector("ama", 1, 28, **TINY_AMA)
+    x = torch.rand(2, 1, 28, 28)
+    p = model.prepare(x)
+    assert p.shape == (2, 1, 32, 32)
+    assert torch.allclose(p[..., 2:30, 2:30], 2 * x - 1)
+    assert (p[..., :2, :] == -1).all() and (p[..., :, 30:] == -1).all()
+
+
+def test_train_step_steps_the_critic_more_often_and_never_in_the_autoencoder_step() -> None:
+    torch.manual_seed(0)
+    model = create_detector("ama", 1, 28, critic_steps=3, **TINY_AMA).train()
+    r = DEFAULT_RECIPES["ama"]
+    opt = torch.optim.Adam(model.param_groups(), lr=r.lr, betas=(r.momentum, r.beta2))
+    assert opt.param_groups[2]["betas"] == (0.5, 0.9) and opt.param_groups[0]["betas"] == (0, 0.9)
+    loss, parts = model.train_step(torch.rand(8, 1, 28, 28), opt, 0.0)
+    assert math.isfinite(loss.item()) and set(parts) == {"critic", "latent_norm"}
+    steps = {n: int(opt.state[p]["step"]) for n, p in model.named_parameters()}
+    assert {v for n, v in steps.items() if n.startswith("critic.")} == {3}
+    assert {v for n, v in steps.items() if not n.startswith("critic.")} == {1}
+
+
+def test_ama_refuses_bad_options() -> None:
+    with pytest.raises(UserError, match="side 32 or 28"):
+        create_detector("ama", 1, 36)
+    with pytest.raises(UserError, match="side 32 or 28"):
+        create_detector("ama", 1, 27)
+    with pytest.raises(UserError, match="critic_steps must be >= 1"):
+        create_detector("ama", 1, 28, critic_steps=0)
+    with pytest.raises(UserError, match="rejected its options"):
+        create_detector("ama", 1, 28, lossy="none")
+    with pytest.raises(UserError, match="unknown score 'elbo' for a ama detector"):
+        parse_detector_scores("elbo", "ama")
+    assert [s.name for s in parse_detector_scores("all", "ama")] == ["ama"]
+
+
+class Bright(torch.nn.Module):
+    """A stand-in detector: its "anomaly" is the mean brightness."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1).mean(1)
+
+
+def test_selection_auroc_is_the_mean_validation_auroc() -> None:
+    g = torch.Generator().manual_seed(0)
+
+    def images(name: str, high: int) -> ImageSet:
+        return ImageSet(name, torch.randint(0, high, (20, 1, 4, 4), generator=g, dtype=torch.uint8))
+
+    id_val, dark, bright = images("id", 120), images("dark", 60), images("bright", 256)
+    got = selection_auroc(Bright(), id_val, {"dark": dark, "bright": bright}, torch.device("cpu"))
+
+    def minus_mean(data: ImageSet) -> np.ndarray:
+        return -data.images.double().div(255).flatten(1).mean(1).numpy()
+
+    expected = [ood_metrics(minus_mean(id_val), minus_mean(d))["auroc"] for d in (dark, bright)]
+    assert got == pytest.approx(sum(expected) / 2)
+    assert expected[0] < 0.5 < expected[1]
+
+
+class Untouchable:
+    """A test set that fails any use: epoch selection must not read it."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"a test set was read ({name})")
+
+    def __len__(self) -> int:
+        raise AssertionError("a test set was read (len)")
+
+
+def test_epoch_selection_reads_only_validation_sets(small_fmnist, tmp_path) -> None:
+    bench = dataclasses.replace(
+        small_fmnist, id_test=Untouchable(), ood_test={"mnist": Untouchable()}
+    )
+    recipe = dataclasses.replace(
+        DEFAULT_RECIPES["ama"],
+        epochs=3,
+        batch_size=32,
+        model_kwargs={**TINY_AMA, "critic_steps": 1},
+    )
+    out = tmp_path / "run"
+    train_detector(bench, recipe, out, torch.device("cpu"), progress=False)
+    ckpt = out / "checkpoints"
+    log = (out / "log.txt").read_text()
+    aurocs = [float(v) for v in re.findall(r"ood-val auroc (\S+)", log)]
+    assert len(aurocs) == 3
+    best = json.loads((ckpt / "best.json").read_text())
+    first = int(np.argmax(aurocs))  # the earliest of equal bests stays
+    assert best["epoch"] == first + 1 and best["selection"]["sets"] == sorted(bench.ood_val)
+    assert best["selection"]["auroc"] == pytest.approx(aurocs[first], abs=1e-4)
+    model, _ = load_detector(ckpt / "best")
+    again = selection_auroc(model, bench.id_val, bench.ood_val, torch.device("cpu"))
+    assert again == pytest.approx(best["selection"]["auroc"], rel=1e-9)
+    weights = load_file(str(ckpt / "best.safetensors"))
+    epoch = load_file(str(ckpt / f"epoch_{first + 1:03d}.safetensors"))
+    assert all(torch.equal(weights[k], epoch[k]) for k in weights)
+
+
+def ama_argv(run, epochs: int, *extra: str) -> list[str]:
+    args = [f"{k}={v}" for k, v in {**TINY_AMA, "critic_steps": 2}.items()]
+    return [
+        "detector",
+        "train",
+        "--kind",
+        "ama",
+        *(a for arg in args for a in ("--model-arg", arg)),
+        "--epochs",
+        str(epochs),
+        "--batch-size",
+        "32",
+        "--out",
+        str(run),
+        "--device",
+        "cpu",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_ama_train_resumes_exactly_and_evaluates(
+    capsys, monkeypatch, small_fmnist, tmp_path
+) -> None:
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(ama_argv(straight, 2)) == 0, capsys.readouterr().err
+    train_epoch = DetectorTrainer.train_epoch
+
+    def interrupted(self, epoch: int):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(self, epoch)
+
+    monkeypatch.setattr(DetectorTrainer, "train_epoch", interrupted)
+    assert main(ama_argv(resumed, 2)) == 130
+    meta = json.loads((resumed / "checkpoints" / "last.json").read_text())
+    assert meta["architecture"] == "ama" and meta["recipe"]["beta2"] == 0.9
+    monkeypatch.setattr(DetectorTrainer, "train_epoch", train_epoch)
+    assert main(ama_argv(resumed, 2, "--resume")) == 0, capsys.readouterr().err
+    for name in ("last", "best"):
+        a = load_file(str(straight / "checkpoints" / f"{name}.safetensors"))
+        b = load_file(str(resumed / "checkpoints" / f"{name}.safetensors"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def log(run) -> list[str]:  # the lines without their timings
+        return [line.rsplit("  ", 1)[0] for line in (run / "log.txt").read_text().splitlines()]
+
+    assert log(straight) == log(resumed) and len(log(resumed)) == 2
+
+    out = tmp_path / "eval"
+    argv = ["detector", "evaluate", "--from", str(straight / "checkpoints" / "best")]
+    code = main([*argv, "--scores", "ama", "--out", str(out), "--device", "cpu", "--no-progress"])
+    printed, err = capsys.readouterr()
+    assert code == 0, err
+    assert {"metrics.json", "metrics.md", "metrics.csv", "histograms.png"} <= {
+        p.name for p in out.iterdir()
+    }
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert {r["scorer"] for r in rows} == {"ama"}
+    assert {r["dataset"] for r in rows} >= {"mnist", "noise", "mean"}
+    assert all(0 <= r["auroc"] <= 1 for r in rows)
+    assert "| ama | mean |" in printed
+
+
+def test_ama_commands_refuse_bad_input(capsys, small_fmnist, tmp_path) -> None:
+    assert main(ama_argv(tmp_path / "r", 1, "--model-arg", "critic_width=0")) == 2
+    assert "must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
+    assert main(ama_argv(tmp_path / "r", 1, "--model-arg", "lossy=none")) == 2
+    assert "rejected its options" in capsys.readouterr().err
+    run = tmp_path / "ok"
+    assert main(ama_argv(run, 1)) == 0, capsys.readouterr().err
+    argv = ["detector", "evaluate", "--from", str(run), "--out", str(tmp_path / "e")]
+    assert main([*argv, "--scores", "elbo"]) == 2
+    assert "unknown score 'elbo' for a ama detector" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
