@@ -96,6 +96,19 @@ DEFAULT_RECIPES: dict[str, DetectorRecipe] = {
         schedule="step",
         augment="none",
     ),
+    # clear-nus/diffpath configs/train_config.yaml: Adam lr 1e-4, batch 128, constant lr, no
+    # weight decay (500k iterations there; epochs here).
+    "diffusion": DetectorRecipe(
+        model="diffusion",
+        epochs=100,
+        batch_size=128,
+        lr=1e-4,
+        momentum=0.9,
+        beta2=0.999,
+        weight_decay=0.0,
+        schedule="constant",
+        augment="none",
+    ),
 }
 
 
