@@ -1,5 +1,6 @@
 """AMA: its mirrored pairs, losses and score on hand-computed cases, its training step, the
-epoch selection on OOD validation sets, and the commands."""
+epoch selection on OOD validation sets, and the commands; DiffPath: the schedule, the DDIM
+inversion and the path statistics by hand, its mixture score, and the commands."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from unleash_ood.data.base import ImageSet
 from unleash_ood.errors import UserError
 from unleash_ood.generative import create_detector, parse_detector_scores
 from unleash_ood.generative.ama import AMA, AMAScore, feature_distance, mirrored_pairs
+from unleash_ood.generative.diffpath import DiffPath, path_statistics
+from unleash_ood.generative.diffusion import cosine_alphas_cumprod
 from unleash_ood.generative.trainer import (
     DEFAULT_RECIPES,
     DetectorTrainer,
@@ -256,3 +259,106 @@ def test_ama_commands_refuse_bad_input(capsys, small_fmnist, tmp_path) -> None:
     assert main([*argv, "--scores", "elbo"]) == 2
     assert "unknown score 'elbo' for a ama detector" in capsys.readouterr().err
     assert not (tmp_path / "e").exists()
+
+
+# DiffPath
+
+TINY_DIFFUSION = {"width": 8, "diffusion_steps": 20}
+
+
+def test_cosine_schedule_by_hand() -> None:
+    f = [math.cos((t / 4 + 0.008) / 1.008 * math.pi / 2) ** 2 for t in range(5)]
+    betas = [min(1 - f[t + 1] / f[t], 0.999) for t in range(4)]
+    expected = np.cumprod([1 - b for b in betas])
+    assert cosine_alphas_cumprod(4).numpy() == pytest.approx(expected, rel=1e-12)
+    assert betas[-1] == 0.999  # the clip at the end of the schedule
+
+
+def test_path_statistics_by_hand() -> None:
+    """Two steps of a 1x1 image: eps = (1, 3), so d = (3 - 1) * 2 = 4; a second image
+    eps = (-1, 0.5): d = 3."""
+    path = torch.tensor([[1.0, -1.0], [3.0, 0.5]]).view(2, 2, 1, 1, 1)
+    got = path_statistics(path)
+    assert got.tolist() == [
+        [4.0, 10.0, 28.0, 4.0, 16.0, 64.0],
+        [-0.5, 1.25, -0.875, 3.0, 9.0, 27.0],
+    ]
+
+
+class HalfInput(torch.nn.Module):
+    """A stand-in UNet predicting the noise as half its input (whatever the timestep)."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x
+
+
+def test_ddim_inversion_follows_the_deterministic_path() -> None:
+    model = create_detector("diffusion", 1, 28, **TINY_DIFFUSION)
+    model.unet = HalfInput()
+    x = torch.rand(2, 1, 28, 28)
+    path = model.ddim_inversion(x, 4)
+    assert path.shape == (4, 2, 1, 28, 28)
+    # An independent walk over one pixel, in float64: timesteps 0, 5, 10, 15 of 20.
+    ab = [*cosine_alphas_cumprod(20)[[0, 5, 10, 15]].tolist(), 0.0]
+    xi, expected = 2 * x[1, 0, 3, 7].item() - 1, []
+    for i in range(4):
+        eps = 0.5 * xi
+        expected.append(eps)
+        x0 = min(1.0, max(-1.0, (xi - math.sqrt(1 - ab[i]) * eps) / math.sqrt(ab[i])))
+        e = (xi / math.sqrt(ab[i]) - x0) / math.sqrt(1 / ab[i] - 1)
+        xi = math.sqrt(ab[i + 1]) * x0 + math.sqrt(1 - ab[i + 1]) * e
+    assert path[:, 1, 0, 3, 7].tolist() == pytest.approx(expected, rel=1e-4, abs=1e-5)
+
+
+def test_diffpath_is_the_mixture_log_density_fitted_on_id(tiny_benchmark) -> None:
+    from sklearn.mixture import GaussianMixture
+    from sklearn.preprocessing import StandardScaler
+
+    torch.manual_seed(0)
+    model = create_detector("diffusion", 1, 28, **TINY_DIFFUSION).eval()
+    torch.nn.init.normal_(model.unet.out[-1].weight, 0.0, 0.1)  # not the zero initial output
+    score = DiffPath(steps=4, components=2, samples=40, batch_size=16)
+    score.fit(model, tiny_benchmark.id_train, torch.device("cpu"))
+    train_x, _ = tiny_benchmark.id_train.__getitems__(range(40))
+    stats = path_statistics(model.ddim_inversion(train_x, 4)).numpy()
+    scaler = StandardScaler().fit(stats)
+    gmm = GaussianMixture(2, random_state=0, max_iter=200).fit(scaler.transform(stats))
+    x = torch.rand(3, 1, 28, 28)
+    expected = gmm.score_samples(scaler.transform(path_statistics(model.ddim_inversion(x, 4))))
+    # Batches of 16 and one of 40 differ in float32 rounding only.
+    assert score.score_batch(model, x).numpy() == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(UserError, match="lower components"):
+        DiffPath(components=50, samples=40).fit(model, tiny_benchmark.id_train, "cpu")
+    with pytest.raises(UserError, match="not fitted"):
+        DiffPath().score_batch(model, x)
+
+
+def test_diffpath_refuses_bad_parameters() -> None:
+    model = create_detector("diffusion", 1, 28, **TINY_DIFFUSION)
+    with pytest.raises(UserError, match="unknown covariance 'round'"):
+        DiffPath(covariance="round").check(model)
+    with pytest.raises(UserError, match=r"DDIM steps must lie in 1\.\.20"):
+        DiffPath(steps=30).check(model)
+    with pytest.raises(UserError, match="width a multiple of 8"):
+        create_detector("diffusion", 1, 28, width=12)
+
+
+def test_diffusion_train_and_diffpath_evaluate(capsys, small_fmnist, tmp_path) -> None:
+    run, out = tmp_path / "run", tmp_path / "eval"
+    argv = ["detector", "train", "--kind", "diffusion", "--epochs", "1", "--batch-size", "32"]
+    for k, v in TINY_DIFFUSION.items():
+        argv += ["--model-arg", f"{k}={v}"]
+    argv += ["--out", str(run), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert json.loads((run / "checkpoints" / "last.json").read_text())["recipe"]["lr"] == 1e-4
+    assert not (run / "checkpoints" / "best.json").exists()  # no epoch selection for it
+    evaluate = ["detector", "evaluate", "--from", str(run), "--out", str(out), "--device", "cpu"]
+    assert main([*evaluate, "--scores", "diffpath:covariance=round"]) == 2
+    assert "unknown covariance" in capsys.readouterr().err and not out.exists()
+    scores = "diffpath:steps=4:components=2:samples=32:batch_size=16"
+    assert main([*evaluate, "--scores", scores, "--no-progress"]) == 0, capsys.readouterr().err
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert {r["scorer"] for r in rows} == {"diffpath"}
+    assert all(0 <= r["auroc"] <= 1 for r in rows)
+    config = json.loads((out / "config.json").read_text())
+    assert config["scores"]["diffpath"]["components"] == 2
