@@ -337,8 +337,13 @@ def test_diffpath_refuses_bad_parameters() -> None:
     model = create_detector("diffusion", 1, 28, **TINY_DIFFUSION)
     with pytest.raises(UserError, match="unknown covariance 'round'"):
         DiffPath(covariance="round").check(model)
-    with pytest.raises(UserError, match=r"DDIM steps must lie in 1\.\.20"):
-        DiffPath(steps=30).check(model)
+    for steps in (30, 0, 6, "ten"):  # stride 4 gives 5 steps of 20, stride 3 gives 7
+        with pytest.raises(UserError, match="cannot be respaced"):
+            DiffPath(steps=steps).check(model)
+    with pytest.raises(UserError, match="integers >= 1"):
+        DiffPath(samples="many").check(model)
+    assert model.ddim_timesteps(3).tolist() == [0, 7, 14]
+    assert model.ddim_timesteps(7).tolist() == [0, 3, 6, 9, 12, 15, 18]
     with pytest.raises(UserError, match="width a multiple of 8"):
         create_detector("diffusion", 1, 28, width=12)
 

@@ -70,8 +70,9 @@ class DiffPath(DetectorScore):
             raise UserError(
                 f"unknown covariance {self.covariance!r}; choose {', '.join(COVARIANCES)}"
             )
-        if min(self.components, self.samples, self.batch_size) < 1:
-            raise UserError("diffpath's components, samples and batch_size must be >= 1")
+        counts = (self.components, self.samples, self.batch_size)
+        if not all(isinstance(v, int) for v in counts) or min(counts) < 1:
+            raise UserError("diffpath's components, samples and batch_size must be integers >= 1")
         model.ddim_timesteps(self.steps)  # refuses a bad step count
 
     def statistics(self, model: Diffusion, x: torch.Tensor) -> np.ndarray:

@@ -12,8 +12,8 @@ Deviations: the UNet is CPU-sized (two resolutions, one residual block each, bas
 with GroupNorm and a sinusoidal time embedding; theirs is improved-diffusion's UNet with
 width 128, three residual blocks per resolution and attention); it predicts the noise only
 (no learned variance, which DDIM does not use); training runs for epochs, not their 500k
-iterations. The validation loss (``forward``) is the noise-prediction error at the DDIM
-timesteps with noise from a fixed seed, so it is deterministic.
+iterations. The validation loss (``forward``) is the noise-prediction error at 10 evenly
+spaced timesteps with noise from a fixed seed, so it is deterministic.
 """
 
 from __future__ import annotations
@@ -127,11 +127,15 @@ class Diffusion(GenerativeModel):
         }
 
     def ddim_timesteps(self, steps: int) -> torch.Tensor:
-        """The ``steps`` evenly respaced timesteps ``0, T/steps, ...`` (improved-diffusion's
-        ``ddimN`` respacing)."""
-        if not 1 <= steps <= self.diffusion_steps:
-            raise UserError(f"DDIM steps must lie in 1..{self.diffusion_steps}, not {steps}")
-        return torch.arange(steps) * (self.diffusion_steps // steps)
+        """The ``steps`` respaced timesteps ``0, k, 2k, ...`` with the smallest stride ``k``
+        that gives exactly ``steps`` of them (improved-diffusion's ``ddimN`` respacing)."""
+        stride = -(-self.diffusion_steps // steps) if isinstance(steps, int) and steps > 0 else 0
+        if stride < 1 or len(range(0, self.diffusion_steps, stride)) != steps:
+            raise UserError(
+                f"{self.diffusion_steps} diffusion steps cannot be respaced into {steps!r} "
+                "DDIM steps; choose a divisor of them"
+            )
+        return torch.arange(steps) * stride
 
     def noise_error(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Per-sample squared noise-prediction error of images in [-1, 1] at timesteps ``t``."""
@@ -145,7 +149,7 @@ class Diffusion(GenerativeModel):
         return self.noise_error(x0, t, torch.randn_like(x0)).mean(), {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Mean noise-prediction error over the 10 DDIM timesteps, noise from seed 0."""
+        """Mean noise-prediction error at 10 evenly spaced timesteps, noise from seed 0."""
         g = torch.Generator(device=x.device).manual_seed(0)
         x0 = 2 * x - 1
         errors = [
@@ -154,7 +158,7 @@ class Diffusion(GenerativeModel):
                 torch.full((x.shape[0],), int(t), device=x.device),
                 torch.randn(x0.shape, generator=g, device=x.device),
             )
-            for t in self.ddim_timesteps(10)
+            for t in torch.arange(10) * self.diffusion_steps // 10
         ]
         return torch.stack(errors).mean(0)
 
