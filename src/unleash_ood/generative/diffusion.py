@@ -164,19 +164,20 @@ class Diffusion(GenerativeModel):
 
     @torch.no_grad()
     def ddim_inversion(self, x: torch.Tensor, steps: int) -> torch.Tensor:
-        """The noise predictions ``(steps, N, C, H, W)`` along the DDIM path from images ``x``
-        in [0, 1] towards noise: at step ``i`` (timestep ``t_i``, ``a = alpha_bar(t_i)``,
-        ``a'`` the next step's, 0 after the last), ``eps = eps_theta(x_i, t_i)``,
-        ``x0 = clip((x_i - sqrt(1 - a) eps) / sqrt(a), -1, 1)``, then
-        ``x_{i+1} = sqrt(a') x0 + sqrt(1 - a') (x_i / sqrt(a) - x0) / sqrt(1 / a - 1)``."""
+        """The noise ``(steps, N, C, H, W)`` along the DDIM path from images ``x`` in [0, 1]
+        towards noise: at step ``i`` (timestep ``t_i``, ``a = alpha_bar(t_i)``, ``a'`` the next
+        step's, 0 after the last), ``x0 = clip((x_i - sqrt(1 - a) eps_theta(x_i, t_i)) /
+        sqrt(a), -1, 1)``, the noise re-derived from it ``eps_i = (x_i / sqrt(a) - x0) /
+        sqrt(1 / a - 1)`` (what the authors record), and ``x_{i+1} = sqrt(a') x0 +
+        sqrt(1 - a') eps_i``."""
         ts = self.ddim_timesteps(steps)
         ab = self.alphas_cumprod[ts].tolist()
         xi, path = 2 * x - 1, []
         for i, (t, a) in enumerate(zip(ts.tolist(), ab, strict=True)):
             a_next = ab[i + 1] if i + 1 < steps else 0.0
             eps = self.unet(xi, torch.full((x.shape[0],), t, device=x.device))
-            path.append(eps)
             x0 = ((xi - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
-            eps_used = (xi / math.sqrt(a) - x0) / math.sqrt(1 / a - 1)
-            xi = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps_used
+            eps = (xi / math.sqrt(a) - x0) / math.sqrt(1 / a - 1)
+            path.append(eps)
+            xi = math.sqrt(a_next) * x0 + math.sqrt(1 - a_next) * eps
         return torch.stack(path)
