@@ -7,7 +7,10 @@ the model's own draws, e.g. the VAE's latent samples) comes from generators seed
 ``train_state_<epoch>.safetensors`` holds Adam's moments and step counts, so resuming from the
 last checkpoint reproduces an uninterrupted run exactly on a CPU. Unlike the classifier
 trainer it runs in one process (no ``torchrun``), and it validates with the model's own
-deterministic loss on the ID validation split (there is no accuracy to report).
+deterministic loss on the ID validation split (there is no accuracy to report). Each batch is one
+call of the model's ``train_step`` (backpropagating its loss, or, for AMA, critic steps and an
+autoencoder step), with Adam over the model's ``param_groups``. Kinds whose authors select an
+epoch keep ``checkpoints/best`` by :func:`selection_auroc` on the OOD validation sets.
 """
 
 from __future__ import annotations
