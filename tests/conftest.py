@@ -1,7 +1,9 @@
-"""Shared fixtures: an isolated cache, small Fashion-MNIST-format files, a tiny checkpoint."""
+"""Shared fixtures: an isolated cache, small Fashion-MNIST-format files, a tiny checkpoint,
+and that small Fashion-MNIST cut further for the generative detectors' commands."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import struct
 import sys
@@ -133,3 +135,24 @@ def interrupted_and_resumed(benchmark, checkpoint, spec, recipe, tmp_path: Path)
         run(tmp_path / "b", on_save=_stop_after_first_epoch)
     resumed, _ = run(tmp_path / "b", resume=True)
     return load_checkpoint(whole)[0].state_dict(), load_checkpoint(resumed)[0].state_dict()
+
+
+@pytest.fixture
+def small_fmnist(monkeypatch, tiny_benchmark):
+    """The small Fashion-MNIST cut to 64 training and 32 images per other set, served to the
+    commands in place of ``load_benchmark``: a generative detector's step is costly."""
+    b = tiny_benchmark
+
+    def cut(data, n: int = 32):
+        return data.subset(torch.arange(min(n, len(data))))
+
+    small = dataclasses.replace(
+        b,
+        id_train=cut(b.id_train, 64),
+        id_val=cut(b.id_val),
+        id_test=cut(b.id_test),
+        ood_test={k: cut(v) for k, v in b.ood_test.items()},
+        ood_val={k: cut(v) for k, v in b.ood_val.items()},
+    )
+    monkeypatch.setattr("unleash_ood.data.load_benchmark", lambda name, data_dir=None: small)
+    return small

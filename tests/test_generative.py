@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -197,27 +196,6 @@ def test_score_checks_refuse_what_the_model_cannot_give() -> None:
         ScoreTest(layers="head.weight").check(plain)
     with pytest.raises(UserError, match="do not split into 3 blocks"):
         ScoreTest(splits=3).check(plain)
-
-
-@pytest.fixture
-def small_fmnist(monkeypatch, tiny_benchmark):
-    """The small Fashion-MNIST cut to 64 training and 32 images per other set, served to the
-    commands in place of ``load_benchmark``: the VAE's 256-way output makes a step costly."""
-    b = tiny_benchmark
-
-    def cut(data, n: int = 32):
-        return data.subset(torch.arange(min(n, len(data))))
-
-    small = dataclasses.replace(
-        b,
-        id_train=cut(b.id_train, 64),
-        id_val=cut(b.id_val),
-        id_test=cut(b.id_test),
-        ood_test={k: cut(v) for k, v in b.ood_test.items()},
-        ood_val={k: cut(v) for k, v in b.ood_val.items()},
-    )
-    monkeypatch.setattr("unleash_ood.data.load_benchmark", lambda name, data_dir=None: small)
-    return small
 
 
 def train_argv(run, epochs: int, *extra: str) -> list[str]:

@@ -4,6 +4,9 @@ scores computed from it (higher = more ID-like, as everywhere).
 - ``vae`` (:mod:`.vae`): the VAE of Error Reduction, restoring lossy inputs; scores
   ``error_reduction`` (:mod:`.error_reduction`), ``score_test`` (:mod:`.score_test`) and the
   plain likelihood ``elbo``.
+- ``ama`` (:mod:`.ama`): AMA's encoder, generator and mirrored-pair critic; score ``ama``.
+- ``diffusion`` (:mod:`.diffusion`): a small unconditional diffusion model and its DDIM
+  inversion; score ``diffpath`` (:mod:`.diffpath`).
 
 Train with :func:`unleash_ood.generative.trainer.train_detector`, score with
 :func:`unleash_ood.generative.evaluate.evaluate_detector`.
@@ -14,14 +17,17 @@ from __future__ import annotations
 from typing import Any
 
 from unleash_ood.errors import UserError
+from unleash_ood.generative.ama import AMA, AMAScore
 from unleash_ood.generative.base import DetectorScore, GenerativeModel
+from unleash_ood.generative.diffpath import DiffPath
+from unleash_ood.generative.diffusion import Diffusion
 from unleash_ood.generative.error_reduction import ErrorReduction
 from unleash_ood.generative.score_test import ScoreTest
 from unleash_ood.generative.vae import ELBO, VAE
 
-MODELS: dict[str, type[GenerativeModel]] = {cls.kind: cls for cls in (VAE,)}
+MODELS: dict[str, type[GenerativeModel]] = {cls.kind: cls for cls in (VAE, AMA, Diffusion)}
 SCORES: dict[str, type[DetectorScore]] = {
-    cls.name: cls for cls in (ErrorReduction, ScoreTest, ELBO)
+    cls.name: cls for cls in (ErrorReduction, ScoreTest, ELBO, AMAScore, DiffPath)
 }
 
 __all__ = [

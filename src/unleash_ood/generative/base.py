@@ -24,6 +24,9 @@ class GenerativeModel(nn.Module):
     """A detector model; ``kind`` names it in the registry and in checkpoint sidecars."""
 
     kind: ClassVar[str]
+    # Whether training keeps ``checkpoints/best``, the epoch whose ``-forward`` separates the
+    # ID validation split best from the OOD validation sets (never the test sets).
+    selects_epoch: ClassVar[bool] = False
 
     def __init__(self, in_channels: int, input_size: int):
         super().__init__()
@@ -39,9 +42,34 @@ class GenerativeModel(nn.Module):
         """Parameter groups whose gradient norms are clipped separately."""
         return [list(self.parameters())]
 
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Adam's parameter groups; options a group leaves out (lr, betas) are the recipe's."""
+        return [{"params": list(self.parameters())}]
+
+    def train_step(
+        self, x: torch.Tensor, opt: torch.optim.Optimizer, grad_clip: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One optimisation step on batch ``x``: backpropagate :meth:`loss`, clip each clip
+        group to ``grad_clip`` (when > 0), step. Models that train several networks in turns
+        (AMA's critic and autoencoder) override it; Adam skips parameters left without a
+        gradient, so one optimiser with per-network groups acts as one optimiser each."""
+        opt.zero_grad(set_to_none=True)
+        loss, parts = self.loss(x)
+        loss.backward()
+        clip_gradients(self.clip_groups(), grad_clip)
+        opt.step()
+        return loss.detach(), parts
+
     def options(self) -> dict[str, Any]:
         """The constructor options that rebuild this model (besides channels and size)."""
         raise NotImplementedError
+
+
+def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> None:
+    """Clip each group's gradient norm to ``max_norm``; nothing when it is 0."""
+    if max_norm > 0:
+        for group in groups:
+            torch.nn.utils.clip_grad_norm_(group, max_norm)
 
 
 class DetectorScore:

@@ -7,7 +7,10 @@ the model's own draws, e.g. the VAE's latent samples) comes from generators seed
 ``train_state_<epoch>.safetensors`` holds Adam's moments and step counts, so resuming from the
 last checkpoint reproduces an uninterrupted run exactly on a CPU. Unlike the classifier
 trainer it runs in one process (no ``torchrun``), and it validates with the model's own
-deterministic loss on the ID validation split (there is no accuracy to report).
+deterministic loss on the ID validation split (there is no accuracy to report). Each batch is one
+call of the model's ``train_step`` (backpropagating its loss, or, for AMA, critic steps and an
+autoencoder step), with Adam over the model's ``param_groups``. Kinds whose authors select an
+epoch keep ``checkpoints/best`` by :func:`selection_auroc` on the OOD validation sets.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ from unleash_ood.checkpoint import (
     atomic_write_json,
     checkpoint_paths,
     read_sidecar,
+    save_checkpoint,
 )
 from unleash_ood.data.base import Benchmark, ImageSet
 from unleash_ood.device import prepare_model, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.generative import MODELS, GenerativeModel, create_detector
+from unleash_ood.metrics import ood_metrics
 from unleash_ood.rng import seed_global
 from unleash_ood.train import (
     Recipe,
@@ -79,6 +84,33 @@ DEFAULT_RECIPES: dict[str, DetectorRecipe] = {
         schedule="constant",
         augment="none",
         grad_clip=100.0,
+    ),
+    # somepago/AMA train.py: Adam lr 3e-4, betas (0, 0.9) for critic and generator (the
+    # encoder's beta1 0.5 is the model's own), batch 256, 100 epochs, lr /10 three times
+    # (here the library's step schedule), no weight decay, no clipping, no augmentation.
+    "ama": DetectorRecipe(
+        model="ama",
+        epochs=100,
+        batch_size=256,
+        lr=3e-4,
+        momentum=0.0,
+        beta2=0.9,
+        weight_decay=0.0,
+        schedule="step",
+        augment="none",
+    ),
+    # clear-nus/diffpath configs/train_config.yaml: Adam lr 1e-4, batch 128, constant lr, no
+    # weight decay (500k iterations there; epochs here).
+    "diffusion": DetectorRecipe(
+        model="diffusion",
+        epochs=100,
+        batch_size=128,
+        lr=1e-4,
+        momentum=0.9,
+        beta2=0.999,
+        weight_decay=0.0,
+        schedule="constant",
+        augment="none",
     ),
 }
 
@@ -144,6 +176,25 @@ def validation_loss(model: GenerativeModel, data: ImageSet, device: torch.device
     return total / len(data)
 
 
+@torch.no_grad()
+def selection_auroc(
+    model: GenerativeModel, id_val: ImageSet, ood_val: dict[str, ImageSet], device: torch.device
+) -> float:
+    """Mean AUROC of ``-model(x)`` (higher = more ID-like) of the ID validation split against
+    each OOD validation set: the epoch-selection criterion, which reads no test set."""
+    model.eval()
+
+    def scores(data: ImageSet) -> torch.Tensor:
+        return torch.cat(
+            [-model(to_device(x, device)).double().cpu() for x, _ in data.batches(256)]
+        )
+
+    s_id = scores(id_val).numpy()
+    return sum(ood_metrics(s_id, scores(d).numpy())["auroc"] for d in ood_val.values()) / len(
+        ood_val
+    )
+
+
 class DetectorTrainer:
     """Trains a detector of ``recipe.model`` on ``train`` into ``out/checkpoints``."""
 
@@ -157,6 +208,7 @@ class DetectorTrainer:
         device: torch.device,
         benchmark: str,
         progress: bool = True,
+        ood_val: dict[str, ImageSet] | None = None,
     ):
         if len(train) < recipe.batch_size:
             raise UserError(
@@ -168,16 +220,21 @@ class DetectorTrainer:
         self.model = prepare_model(model, device)
         self.spec = {**detector_spec(model), "benchmark": benchmark}
         self.opt = torch.optim.Adam(
-            model.parameters(),
+            model.param_groups(),
             lr=recipe.lr,
             betas=(recipe.momentum, recipe.beta2),
             weight_decay=recipe.weight_decay,
         )
         self.start_epoch = 0
+        # Epoch selection on OOD validation sets, for the kinds whose authors select epochs.
+        self.ood_val = (ood_val or {}) if model.selects_epoch else {}
+        self.best = -float("inf")
 
     def resume(self) -> None:
-        """Continue from ``checkpoints/last``: weights, Adam state, epoch."""
+        """Continue from ``checkpoints/last``: weights, Adam state, epoch, best selection."""
         self.start_epoch, _ = resume_run(self.out, self.recipe, self.model, self.opt)
+        if self.ood_val and (self.ckpt_dir / "best.json").is_file():
+            self.best = read_sidecar(self.ckpt_dir / "best")["selection"]["auroc"]
 
     def train_epoch(self, epoch: int) -> tuple[float, dict[str, float]]:
         r = self.recipe
@@ -198,13 +255,7 @@ class DetectorTrainer:
         for step, idx in enumerate(bar):
             x, _ = self.train.__getitems__(idx)
             x = to_device(augment(x, r.augment, g, padding=x.shape[-1] // 8), self.device)
-            self.opt.zero_grad(set_to_none=True)
-            loss, parts = self.model.loss(x)
-            loss.backward()
-            if r.grad_clip > 0:
-                for group in self.model.clip_groups():
-                    torch.nn.utils.clip_grad_norm_(group, r.grad_clip)
-            self.opt.step()
+            loss, parts = self.model.train_step(x, self.opt, r.grad_clip)
             for k, v in {"loss": loss.detach(), **parts}.items():
                 sums[k] = sums.get(k, 0) + v
             if step % 25 == 0 and not bar.disable:
@@ -223,20 +274,39 @@ class DetectorTrainer:
                 stats = DetectorEpoch(
                     done, r.lr_at(epoch), loss, val, time.perf_counter() - t0, parts
                 )
+                selection = self.select(stats)
                 self.save(stats)
                 history.append(stats)
-                self.log(stats)
+                self.log(stats, selection)
         return history
 
-    def save(self, stats: DetectorEpoch) -> None:
-        meta = {"recipe": asdict(self.recipe), "epoch": stats.epoch, "metrics": asdict(stats)}
-        save_epoch(self.ckpt_dir, stats.epoch, self.model, self.spec, self.opt, meta)
+    def meta(self, stats: DetectorEpoch) -> dict[str, Any]:
+        return {"recipe": asdict(self.recipe), "epoch": stats.epoch, "metrics": asdict(stats)}
 
-    def log(self, s: DetectorEpoch) -> None:
+    def select(self, stats: DetectorEpoch) -> float | None:
+        """The epoch's OOD-validation AUROC (None without selection); a better epoch than any
+        before becomes ``checkpoints/best``. It is written before the epoch's own files, so
+        a crash in between leaves a resume that recomputes the same value, not a lost best."""
+        if not self.ood_val:
+            return None
+        auroc = selection_auroc(self.model, self.val, self.ood_val, self.device)
+        if auroc > self.best:
+            self.best = auroc
+            rule = "mean AUROC of the ID validation split against the OOD validation sets"
+            selection = {"rule": rule, "auroc": auroc, "sets": sorted(self.ood_val)}
+            meta = {**self.meta(stats), "selection": selection}
+            save_checkpoint(self.ckpt_dir / "best", self.model, self.spec, **meta)
+        return auroc
+
+    def save(self, stats: DetectorEpoch) -> None:
+        save_epoch(self.ckpt_dir, stats.epoch, self.model, self.spec, self.opt, self.meta(stats))
+
+    def log(self, s: DetectorEpoch, selection: float | None = None) -> None:
         parts = "  ".join(f"{k} {v:.3f}" for k, v in s.parts.items())
+        chosen = "" if selection is None else f"  ood-val auroc {selection:.4f}"
         line = (
             f"epoch {s.epoch:3d}  lr {s.lr:.2e}  train loss {s.train_loss:.3f}  {parts}  "
-            f"val loss {s.val_loss:.3f}  {s.seconds:.1f}s"
+            f"val loss {s.val_loss:.3f}{chosen}  {s.seconds:.1f}s"
         )
         append_log(self.out, line, echo=True)  # --no-progress hides bars, not these lines
 
@@ -257,7 +327,8 @@ def train_detector(
     progress: bool = True,
 ) -> list[DetectorEpoch]:
     """Train ``recipe.model`` from scratch on ``benchmark``'s ID training split (labels
-    unused), checkpointing into ``out``; ``resume`` continues the run in ``out``."""
+    unused), checkpointing into ``out``; ``resume`` continues the run in ``out``. Kinds that
+    select epochs keep ``checkpoints/best`` by the OOD validation sets; no test set is read."""
     if not resume:
         check_fresh(out)
     seed_global(recipe.seed, "init")
@@ -272,6 +343,7 @@ def train_detector(
         device,
         benchmark.name,
         progress,
+        benchmark.ood_val,
     )
     out.mkdir(parents=True, exist_ok=True)
     if resume:
