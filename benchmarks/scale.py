@@ -145,6 +145,9 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument(
+        "--runs", type=int, default=3, help="peak-RSS runs per size (it varies run to run)"
+    )
     p.add_argument("--root", default=None, help="folder for the generated images (default: tmp)")
     args = p.parse_args()
     root = Path(args.root or Path(tempfile.gettempdir()) / "unleash-scale")
@@ -156,20 +159,27 @@ def main() -> None:
         f"--workers {args.workers}, scorers {SCORERS}"
     )
     print(
+        f"median of {args.runs} runs [range]; / smallest compares medians\n"
         "| images on disk | ID train / test / OOD | default | / smallest | "
         "MALLOC_MMAP_THRESHOLD_=131072 | / smallest |"
     )
     print("|---|---|---|---|---|---|")
-    first: dict[str, int] = {}
+    first: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for n, bench in benches.items():
             cells = []
             for label, env in (("default", {}), ("fixed", FIXED_MMAP)):
-                out = Path(tmp) / f"run{n}"
-                rss = peak_rss(bench, out, args.fit_samples, args.workers, env)
-                shutil.rmtree(out)
-                first.setdefault(label, rss)
-                cells += [f"{rss / MIB:.0f}", f"{rss / first[label]:.2f}"]
+                runs = []
+                for _ in range(args.runs):
+                    out = Path(tmp) / f"run{n}"
+                    runs.append(peak_rss(bench, out, args.fit_samples, args.workers, env) / MIB)
+                    shutil.rmtree(out)
+                median = float(np.median(runs))
+                first.setdefault(label, median)
+                cells += [
+                    f"{median:.0f} [{min(runs):.0f}-{max(runs):.0f}]",
+                    f"{median / first[label]:.2f}",
+                ]
             split = f"{n // 2:,} / {n // 4:,} / {n // 4:,}"
             print(f"| {n + VAL:,} | {split} | " + " | ".join(cells) + " |")
 

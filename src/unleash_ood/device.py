@@ -3,6 +3,8 @@ place in a ``torchrun`` job; mixed-precision autocast by name."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from dataclasses import dataclass
 
@@ -91,3 +93,26 @@ def current_dist() -> Dist:
     if dist.is_available() and dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size())
     return Dist()
+
+
+def _libc_trim():
+    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    return getattr(libc, "malloc_trim", None)
+
+
+_MALLOC_TRIM = _libc_trim()
+
+
+def release_freed_memory() -> None:
+    """Hand the pages the C heap holds free back to the system (glibc's ``malloc_trim(0)``).
+
+    A forward pass frees a batch's buffers every step; glibc keeps freed blocks in its heap
+    and, once it has raised its mmap threshold, serves later batches from there, so a long
+    pass can leave a resident set that grows with the number of batches and depends on how
+    the threads' frees interleaved (measured: 0.88 to 1.35 GiB for the same 80,000-image
+    evaluation). Called after each dataset's pass, where a few milliseconds do not count.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)

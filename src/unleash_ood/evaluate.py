@@ -29,6 +29,7 @@ from unleash_ood.device import (
     autocast_dtype,
     current_dist,
     prepare_model,
+    release_freed_memory,
     resolve_device,
     to_device,
 )
@@ -397,6 +398,7 @@ class Evaluator:
             )
         else:
             s = scorer.score(self.outputs(key, data), self.model.head)
+            release_freed_memory()  # a scorer's row blocks, freed, stay in the C heap
         return s.double().cpu().numpy()
 
     def _fit(self) -> None:
