@@ -4,7 +4,6 @@ place in a ``torchrun`` job; mixed-precision autocast by name."""
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from dataclasses import dataclass
 
@@ -96,10 +95,12 @@ def current_dist() -> Dist:
 
 
 def _libc_trim():
-    """glibc's ``malloc_trim``, or None where the C library has none (macOS, musl)."""
-    name = ctypes.util.find_library("c")
-    libc = ctypes.CDLL(name) if name else None
-    return getattr(libc, "malloc_trim", None)
+    """glibc's ``malloc_trim`` from the symbols already loaded in this process, or None where
+    the C library has none (macOS, musl) or cannot be opened that way (Windows)."""
+    try:
+        return getattr(ctypes.CDLL(None), "malloc_trim", None)
+    except (OSError, TypeError):
+        return None
 
 
 _MALLOC_TRIM = _libc_trim()
