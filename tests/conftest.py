@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from unleash_ood.checkpoint import load_checkpoint, model_spec, save_checkpoint
+from unleash_ood.generative.trainer import DetectorTrainer
 from unleash_ood.method.finetune import finetune
 from unleash_ood.models import create_model
 
@@ -156,3 +157,17 @@ def small_fmnist(monkeypatch, tiny_benchmark):
     )
     monkeypatch.setattr("unleash_ood.data.load_benchmark", lambda name, data_dir=None: small)
     return small
+
+
+def interrupt_detector_at_second_epoch(monkeypatch):
+    """Make detector training raise KeyboardInterrupt (Ctrl-C) as its second epoch starts;
+    returns the function that lets training run on again."""
+    train_epoch = DetectorTrainer.train_epoch
+
+    def interrupted(self, epoch: int):
+        if epoch == 1:
+            raise KeyboardInterrupt
+        return train_epoch(self, epoch)
+
+    monkeypatch.setattr(DetectorTrainer, "train_epoch", interrupted)
+    return lambda: monkeypatch.setattr(DetectorTrainer, "train_epoch", train_epoch)

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from conftest import interrupt_detector_at_second_epoch
 from unleash_ood.checkpoint import model_spec, save_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.errors import UserError
@@ -24,7 +25,6 @@ from unleash_ood.generative.score_test import (
     per_sample_gradients,
     statistic,
 )
-from unleash_ood.generative.trainer import DetectorTrainer
 from unleash_ood.generative.vae import VAE, lossy_input
 from unleash_ood.models import create_model
 
@@ -226,19 +226,11 @@ def test_detector_train_resumes_exactly_and_evaluates(
 ) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(train_argv(straight, 2)) == 0, capsys.readouterr().err
-    # Interrupt the second run during its second epoch, then resume it with the same flags.
-    train_epoch = DetectorTrainer.train_epoch
-
-    def interrupted(self, epoch: int):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return train_epoch(self, epoch)
-
-    monkeypatch.setattr(DetectorTrainer, "train_epoch", interrupted)
+    let_run = interrupt_detector_at_second_epoch(monkeypatch)  # Ctrl-C, then --resume
     assert main(train_argv(resumed, 2)) == 130
     meta = json.loads((resumed / "checkpoints" / "last.json").read_text())
     assert meta["epoch"] == 1 and meta["detector"] and meta["recipe"]["lr"] == 3e-4
-    monkeypatch.setattr(DetectorTrainer, "train_epoch", train_epoch)
+    let_run()
     assert main(train_argv(resumed, 2, "--resume")) == 0, capsys.readouterr().err
     a = load_file(str(straight / "checkpoints" / "last.safetensors"))
     b = load_file(str(resumed / "checkpoints" / "last.safetensors"))

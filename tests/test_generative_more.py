@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import interrupt_detector_at_second_epoch
 from unleash_ood.cli import main
 from unleash_ood.data.base import ImageSet
 from unleash_ood.errors import UserError
@@ -23,7 +24,6 @@ from unleash_ood.generative.diffpath import DiffPath, path_statistics
 from unleash_ood.generative.diffusion import cosine_alphas_cumprod
 from unleash_ood.generative.trainer import (
     DEFAULT_RECIPES,
-    DetectorTrainer,
     load_detector,
     selection_auroc,
     train_detector,
@@ -209,18 +209,11 @@ def test_ama_train_resumes_exactly_and_evaluates(
 ) -> None:
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     assert main(ama_argv(straight, 2)) == 0, capsys.readouterr().err
-    train_epoch = DetectorTrainer.train_epoch
-
-    def interrupted(self, epoch: int):
-        if epoch == 1:
-            raise KeyboardInterrupt
-        return train_epoch(self, epoch)
-
-    monkeypatch.setattr(DetectorTrainer, "train_epoch", interrupted)
+    let_run = interrupt_detector_at_second_epoch(monkeypatch)  # Ctrl-C, then --resume
     assert main(ama_argv(resumed, 2)) == 130
     meta = json.loads((resumed / "checkpoints" / "last.json").read_text())
     assert meta["architecture"] == "ama" and meta["recipe"]["beta2"] == 0.9
-    monkeypatch.setattr(DetectorTrainer, "train_epoch", train_epoch)
+    let_run()
     assert main(ama_argv(resumed, 2, "--resume")) == 0, capsys.readouterr().err
     for name in ("last", "best"):
         a = load_file(str(straight / "checkpoints" / f"{name}.safetensors"))
