@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from unleash_ood.errors import UserError
 from unleash_ood.models import Classifier, create_model
+from unleash_ood.models.base import load_fitting_state
 from unleash_ood.models.masked import apply_umap
 from unleash_ood.models.watermark import Watermarked
 
@@ -258,22 +259,11 @@ def load_checkpoint(
             f"{'x'.join(map(str, input_shape))}; use a checkpoint for this benchmark"
         )
     model = build_model(meta)
-    state = read_tensors(weights)
-    missing, unexpected = (
-        sorted(set(model.state_dict()) - set(state)),
-        sorted(set(state) - set(model.state_dict())),
+    load_fitting_state(
+        model,
+        read_tensors(weights),
+        weights.name,
+        f"architecture {meta['architecture']!r}",
+        "the sidecar and weights disagree",
     )
-    if missing or unexpected:
-        raise UserError(
-            f"{weights.name} does not match architecture {meta['architecture']!r} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the sidecar and "
-            f"weights disagree"
-        )
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[-1].strip()
-        raise UserError(
-            f"{weights.name} does not fit architecture {meta['architecture']!r}: {first}"
-        ) from e
     return model.to(device).eval(), meta

@@ -89,3 +89,23 @@ class Classifier(nn.Module):
     def in_channels(self) -> int:
         """Channels of the images the model takes (one per normalisation statistic)."""
         return self.input_mean.shape[1]
+
+
+def load_fitting_state(
+    net: nn.Module, state: dict[str, torch.Tensor], source: str, target: str, hint: str
+) -> None:
+    """Load ``state`` into ``net`` only if it fits exactly: the same parameter names and
+    shapes. A mismatch is one line naming ``source`` (the weights file), ``target`` (what it
+    should fit) and ``hint`` (what to do about missing or unexpected names)."""
+    model_keys = set(net.state_dict())
+    missing, unexpected = sorted(model_keys - set(state)), sorted(set(state) - model_keys)
+    if missing or unexpected:
+        raise UserError(
+            f"{source} does not fit {target} (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); {hint}"
+        )
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        last = str(e).strip().splitlines()[-1].strip()
+        raise UserError(f"{source} does not fit {target}: {last}") from e

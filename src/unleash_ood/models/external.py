@@ -37,6 +37,7 @@ from unleash_ood.models.adapter import (
     describe_linears,
     linear_layer_names,
 )
+from unleash_ood.models.base import load_fitting_state
 
 TORCHVISION = "torchvision:"
 TIMM = "timm:"
@@ -299,18 +300,9 @@ def _build(
         current = _linear_or_none(net, head)
         if current is not None and head_weight.shape[0] != current.out_features:
             net = build(head_weight.shape[0])  # a fine-tuned head: rebuild at its class count
-    model_keys = set(net.state_dict())
-    missing, unexpected = sorted(model_keys - set(state)), sorted(set(state) - model_keys)
-    if missing or unexpected:
-        raise UserError(
-            f"{Path(weights).name} does not fit {spec} (missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}); give a state dict of this architecture"
-        )
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as e:
-        last = str(e).strip().splitlines()[-1].strip()
-        raise UserError(f"{Path(weights).name} does not fit {spec}: {last}") from e
+    load_fitting_state(
+        net, state, Path(weights).name, spec, "give a state dict of this architecture"
+    )
     return net, head
 
 
