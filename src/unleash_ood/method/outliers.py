@@ -31,7 +31,7 @@ from torch import nn
 
 from unleash_ood.augment import augment
 from unleash_ood.data.auxiliary import load_aux
-from unleash_ood.data.base import Benchmark, ImageSet
+from unleash_ood.data.base import Benchmark, ImageData
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
 from unleash_ood.method.constraint import um_loss
@@ -59,7 +59,7 @@ class OutlierStream:
     ``aux`` unless a method narrows it, as POEM does), drawn without replacement, augmented like
     ID data, each process of a ``torchrun`` job taking its share of the global batch."""
 
-    def __init__(self, aux: ImageSet, n_out: int, augmentation: str, seed: int):
+    def __init__(self, aux: ImageData, n_out: int, augmentation: str, seed: int):
         if len(aux) == 0:
             raise UserError("the auxiliary outlier set is empty; pass another --aux")
         self.aux, self.n_out, self.augmentation, self.seed = aux, n_out, augmentation, seed
@@ -133,17 +133,18 @@ class OutlierObjective(Objective):
     def __init__(
         self,
         spec: OutlierSpec,
-        aux: ImageSet,
+        aux: ImageData,
         xi: float | None,
         batch_size: int,
         epochs: int,
         augmentation: str,
         seed: int,
-        id_train: ImageSet | None = None,
+        id_train: ImageData | None = None,
+        workers: int = 0,
     ):
         spec.check()
         self.spec, self.id_loss, self.epochs, self.id_train = spec, id_loss(xi), epochs, id_train
-        self.seed = seed
+        self.seed, self.workers = seed, workers  # workers: for passes over streamed ID data
         self.stream = OutlierStream(aux, spec.aux_batch(batch_size), augmentation, seed)
         self.setup()
 
@@ -158,9 +159,15 @@ class OutlierObjective(Objective):
 
     @classmethod
     def build(
-        cls, spec: OutlierSpec, benchmark: Benchmark, recipe: Recipe, xi: float | None
+        cls,
+        spec: OutlierSpec,
+        benchmark: Benchmark,
+        recipe: Recipe,
+        xi: float | None,
+        workers: int = 0,
     ) -> OutlierObjective:
-        """The objective of ``spec`` for a fine-tune of ``recipe`` on ``benchmark``."""
+        """The objective of ``spec`` for a fine-tune of ``recipe`` on ``benchmark``; its
+        passes over the ID training data decode streamed images in ``workers`` processes."""
         source = cls.outlier_source(spec, benchmark, recipe)
         return cls(
             spec,
@@ -171,6 +178,7 @@ class OutlierObjective(Objective):
             recipe.augment,
             recipe.seed,
             benchmark.id_train,
+            workers=workers,
         )
 
     def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:
