@@ -76,7 +76,7 @@ def per_sample_losses(
     g = torch_generator(seed, "loss-augment")
     losses = []
     batches = tqdm(
-        data.batches(batch_size, workers, device.type == "cuda"),
+        data.batches(batch_size, workers, torch.device(device).type == "cuda"),
         total=-(-len(data) // batch_size),
         desc=progress,
         leave=False,
