@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from conftest import fake_fashion, write_images
 from unleash_ood.checkpoint import load_checkpoint
@@ -96,6 +97,10 @@ def test_cli_pretrains_on_a_benchmark_file_with_workers(capsys, jpeg_bench, tmp_
     assert config["workers"] == 1 and config["train_size"] == 200
     _, meta = load_checkpoint(out / "checkpoints" / "last")
     assert meta["benchmark"] == "tiny-jpeg" and meta["epoch"] == 1
+    argv = ["track", str(out), "--benchmark", str(jpeg_bench), "--workers", "1"]
+    code, err = run_cli(capsys, [*argv, "--device", "cpu", "--no-progress"])
+    assert code == 0, err
+    assert (out / "track.csv").read_text().count("\n") > 1
 
 
 def test_pretrain_api_gives_the_same_model_with_and_without_workers(jpeg_bench, tmp_path) -> None:
@@ -289,6 +294,10 @@ def test_training_on_a_broken_image_is_one_line(capsys, tmp_path, workers: str) 
     assert code == 2 and len(lines) == 1, err
     assert "not a readable image" in lines[0] and any(str(p) in lines[0] for p in broken)
     assert not list(out.glob("checkpoints/*"))
+    for path in broken:  # replaced, the same command runs: nothing half-written stands in the way
+        Image.fromarray(fake_fashion(1, 9)[0][0]).save(path)
+    code, err = run_cli(capsys, argv)
+    assert code == 0, err
 
 
 def test_atypical_ranks_streamed_training_images(capsys, jpeg_bench, tiny_checkpoint, tmp_path):
