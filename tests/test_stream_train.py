@@ -22,6 +22,7 @@ from unleash_ood.data.base import ImageSet
 from unleash_ood.data.concat import ConcatData
 from unleash_ood.data.streaming import ImageFiles
 from unleash_ood.errors import UserError
+from unleash_ood.method.outliers import OutlierStream
 from unleash_ood.method.wild import build_wild_mix
 from unleash_ood.specs import Recipe
 from unleash_ood.train import pretrain
@@ -190,6 +191,36 @@ def test_wild_mix_of_files_reads_no_image_and_equals_the_in_memory_mix(
     x_stream, y_stream = streamed.images.__getitems__(index)
     x_memory, y_memory = memory.images.__getitems__(index)
     assert torch.equal(x_stream, x_memory) and (y_stream == -1).all() and (y_memory == -1).all()
+
+
+def test_outlier_batches_fetched_ahead_are_the_batches_fetched_here(jpeg_bench) -> None:
+    """Batches of 4 from 10 images wrap into a new permutation every 2.5 batches; with workers
+    the in-permutation ones come from a loader, the wrapping ones from this process."""
+    bench = load_benchmark(str(jpeg_bench))
+    mix = build_wild_mix(bench.id_train, decoded(bench.ood_test["noise"]), "noise", 0.5, 0.4, 2)
+    aux = mix.images.subset(np.arange(0, 80, 8))  # files, noisy files and outliers
+    assert {type(p).__name__ for p in aux.parts} >= {"ImageFiles", "ShiftedImages"}
+    got = {}
+    for workers in (0, 1):
+        stream = OutlierStream(aux, 4, "crop+flip", seed=0, workers=workers)
+        got[workers] = []
+        for epoch in range(2):
+            stream.start_epoch(epoch, 0, 1)
+            got[workers] += [stream.next(torch.device("cpu")) for _ in range(6)]
+    assert all(torch.equal(a, b) for a, b in zip(got[0], got[1], strict=True))
+
+
+def test_wild_finetune_is_the_same_with_workers(capsys, jpeg_bench, tiny_checkpoint, tmp_path):
+    finals = []
+    for workers in ("0", "2"):
+        out = tmp_path / workers
+        argv = ["finetune", "--from", str(tiny_checkpoint), "--benchmark", str(jpeg_bench)]
+        argv += ["--method", "ce", "--outliers", "scone", "--wild", str(jpeg_bench.parent / "dark")]
+        argv += ["--workers", workers, "--out", str(out), *TRAIN_FLAGS, "--epochs", "2"]
+        code, err = run_cli(capsys, argv)
+        assert code == 0, err
+        finals.append(load_checkpoint(out / "checkpoints" / "final")[0].state_dict())
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
 
 
 def test_concat_data_fetches_each_part_in_order() -> None:
