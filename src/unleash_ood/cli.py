@@ -571,7 +571,8 @@ def _add_workers_arg(p: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         default=0,
         help="processes decoding streamed image files (benchmark files, imagenet-openood) in "
-        "every pass over data: training, validation, xi's estimate, tracking (default: 0, none)",
+        "every pass over data: training, validation, xi's estimate, outlier batches, tracking "
+        "(default: 0, none)",
     )
 
 
