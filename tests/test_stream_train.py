@@ -271,6 +271,8 @@ def test_yaml_file_describes_the_same_benchmark(jpeg_bench) -> None:
         ("- just\n- a list\n", "expected an object"),
         ("name: [unclosed\n", "not readable YAML"),
         ("!!python/object/apply:os.system [echo owned]\n", "not readable YAML"),
+        (YAML + "ood_val: {1: dark, x: dark}\n", "key 1 is not a string; quote it"),
+        (YAML.replace("dark: dark\nood_test", "dark: &a [*a]\nood_test"), "ood_val.dark must"),
     ],
 )
 def test_bad_yaml_is_one_line(jpeg_bench, text: str, words: str) -> None:

@@ -82,10 +82,28 @@ def read_yaml(text: str, path: Path) -> Any:
             "(or write the file as JSON)"
         ) from None
     try:
-        return yaml.safe_load(text)
+        spec = yaml.safe_load(text)
     except yaml.YAMLError as e:
         where = " ".join(str(e).split())  # its message spans lines: one line here
         raise UserError(f"benchmark file {path}: not readable YAML ({where})") from None
+    _check_string_keys(spec, path, set())
+    return spec
+
+
+def _check_string_keys(value: Any, path: Path, seen: set[int]) -> None:
+    """YAML, unlike JSON, allows keys that are numbers, dates or lists: refuse them, so that
+    the spec holds what a JSON file can. Each container is visited once (YAML aliases may
+    share one many times, or hold themselves)."""
+    if not isinstance(value, dict | list) or id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise UserError(f"benchmark file {path}: key {bad[0]!r} is not a string; quote it")
+        value = list(value.values())
+    for item in value:
+        _check_string_keys(item, path, seen)
 
 
 def benchmark_from_spec(spec: Any, base: Path, where: str) -> Benchmark:
