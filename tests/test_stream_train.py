@@ -22,9 +22,10 @@ from unleash_ood.data.base import ImageSet
 from unleash_ood.data.concat import ConcatData
 from unleash_ood.data.streaming import ImageFiles
 from unleash_ood.errors import UserError
+from unleash_ood.method.finetune import FinetuneSpec, finetune, finetune_recipe
 from unleash_ood.method.outliers import OutlierStream
 from unleash_ood.method.wild import build_wild_mix
-from unleash_ood.specs import Recipe
+from unleash_ood.specs import OutlierSpec, Recipe
 from unleash_ood.train import pretrain
 
 SPEC = {
@@ -113,6 +114,19 @@ def test_pretrain_api_gives_the_same_model_with_and_without_workers(jpeg_bench, 
     b, _ = load_checkpoint(tmp_path / "w2" / "checkpoints" / "last")
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters(), strict=True))
     assert json.loads((tmp_path / "w2" / "config.json").read_text())["workers"] == 2
+
+
+def test_finetune_api_takes_workers(jpeg_bench, tiny_checkpoint, tmp_path) -> None:
+    bench = load_benchmark(str(jpeg_bench))
+    recipe = finetune_recipe("ce", epochs=1, batch_size=50)
+    spec = FinetuneSpec(
+        method="ce", outliers=OutlierSpec(method="oe", aux=str(jpeg_bench.parent / "noise"))
+    )
+    final, choice = finetune(
+        bench, tiny_checkpoint, spec, recipe, tmp_path / "ft", "cpu", progress=False, workers=1
+    )
+    assert choice.xi is None and final.with_suffix(".safetensors").exists()
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["workers"] == 1
 
 
 def test_negative_workers_are_refused(capsys, jpeg_bench, tmp_path) -> None:

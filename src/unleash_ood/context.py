@@ -26,7 +26,8 @@ class RunContext:
     """The benchmark, output folder, device, place in a ``torchrun`` job, progress display and
     data-loading processes of one run. ``workers`` processes decode streamed image files
     (:class:`~unleash_ood.data.streaming.ImageFiles`) in every pass the run makes over data:
-    training, validation, xi's estimate, evaluations (0: in the run's own process)."""
+    training, validation, xi's estimate, outlier batches, evaluations (0: in the run's own
+    process)."""
 
     benchmark: Benchmark
     out: Path
