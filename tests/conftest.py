@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from unleash_ood.checkpoint import load_checkpoint, model_spec, save_checkpoint
 from unleash_ood.generative.trainer import DetectorTrainer
@@ -47,6 +48,17 @@ def fake_fashion(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     for i, c in enumerate(labels):
         images[i, 2 + 2 * c : 5 + 2 * c, 4:24] = 220
     return images.astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_images(
+    folder: Path, images: np.ndarray, labels: np.ndarray | None = None, suffix: str = "png"
+) -> None:
+    """Grey images as files (lossless PNG, or any Pillow format by ``suffix``), in ImageFolder
+    layout (``c<label>/``) when labelled."""
+    for i, image in enumerate(images):
+        sub = folder / f"c{labels[i]}" if labels is not None else folder
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(sub / f"{i:04d}.{suffix}")
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import fake_fashion
+from conftest import fake_fashion, write_images
 from unleash_ood.checkpoint import load_checkpoint, model_spec
 from unleash_ood.cli import main
 from unleash_ood.data import load_benchmark
@@ -35,24 +35,16 @@ from unleash_ood.train import Recipe, Trainer
 SCORERS = "msp,energy,knn,mahalanobis,react,vim"
 
 
-def write_pngs(folder: Path, images: np.ndarray, labels: np.ndarray | None = None) -> None:
-    """Grey images as lossless PNGs, in ImageFolder layout (``c<label>/``) when labelled."""
-    for i, image in enumerate(images):
-        sub = folder / f"c{labels[i]}" if labels is not None else folder
-        sub.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(image).save(sub / f"{i:04d}.png")
-
-
 @pytest.fixture(scope="module")
 def bench_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A benchmark file over PNG folders of the fake Fashion-MNIST (28x28 grey, 10 classes)."""
     root = tmp_path_factory.mktemp("bench")
     for split, n, seed in (("train", 200, 0), ("val", 40, 1), ("test", 60, 2)):
         images, labels = fake_fashion(n, seed)
-        write_pngs(root / split, images, labels)
+        write_images(root / split, images, labels)
     rng = np.random.default_rng(3)
-    write_pngs(root / "noise", rng.integers(0, 255, (30, 28, 28), dtype=np.uint8))
-    write_pngs(root / "dark", rng.integers(0, 40, (20, 28, 28), dtype=np.uint8))
+    write_images(root / "noise", rng.integers(0, 255, (30, 28, 28), dtype=np.uint8))
+    write_images(root / "dark", rng.integers(0, 40, (20, 28, 28), dtype=np.uint8))
     spec = {
         "name": "tiny-png",
         "resolution": 28,
@@ -141,7 +133,7 @@ def test_workers_give_the_same_batches(bench_file: Path) -> None:
 
 def test_imglist_reads_openood_lines(tmp_path: Path) -> None:
     images, _ = fake_fashion(4, 0)
-    write_pngs(tmp_path / "img" / "sub", images)
+    write_images(tmp_path / "img" / "sub", images)
     lines = [f"sub/{i:04d}.png {label}" for i, label in enumerate((3, 1, 0, 2))]
     (tmp_path / "list.txt").write_text("\n".join(lines) + "\n\n")
     files = imglist_files(tmp_path / "list.txt", tmp_path / "img", "id", 28, 1, num_classes=4)
@@ -348,7 +340,7 @@ def test_damaged_cache_is_computed_again(model, bench_file: Path, tmp_path: Path
 
 
 def test_broken_image_names_the_file(tmp_path: Path) -> None:
-    write_pngs(tmp_path, fake_fashion(3, 0)[0])
+    write_images(tmp_path, fake_fashion(3, 0)[0])
     (tmp_path / "0001.png").write_bytes(b"\x89PNG broken")
     files = folder_files(tmp_path, "broken", 28, 1)
     for workers in (0, 1):

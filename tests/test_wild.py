@@ -24,9 +24,11 @@ from unleash_ood.method.wild import (
     alm_term,
     build_wild_mix,
     false_alarm_rate,
+    gaussian_noise,
     mix_counts,
     wild_id_rate,
 )
+from unleash_ood.rng import numpy_rng
 from unleash_ood.specs import OutlierSpec
 
 
@@ -95,19 +97,35 @@ def test_wild_mix_is_deterministic_per_seed_and_composed_as_recorded() -> None:
     a = build_wild_mix(id_train, outliers, "bundled", 0.25, 0.5, seed=3)
     b = build_wild_mix(id_train, outliers, "bundled", 0.25, 0.5, seed=3)
     c = build_wild_mix(id_train, outliers, "bundled", 0.25, 0.5, seed=4)
-    assert torch.equal(a.images.images, b.images.images)
+    x = a.images.__getitems__(range(len(a.images)))[0]
+    assert torch.equal(x, b.images.__getitems__(range(len(b.images)))[0])
     assert a.composition() == b.composition()
     assert a.composition()["id_indices"] != c.composition()["id_indices"]
     comp = a.composition()
     assert (comp["size"], comp["n_id"], comp["n_shifted"], comp["n_outliers"]) == (200, 50, 100, 50)
     assert not set(comp["id_indices"]) & set(comp["shifted_indices"])
-    x = a.images.images
-    assert torch.equal(x[:50], id_train.images[comp["id_indices"]])
-    assert torch.equal(x[150:], outliers.images[:50])
+    assert (a.images.labels == -1).all()
+    assert torch.equal(x[:50], id_train.__getitems__(comp["id_indices"])[0])
+    assert torch.equal(x[150:], outliers.__getitems__(range(50))[0])
     assert set(comp["shift_std"]) <= set(GAUSSIAN_SEVERITIES)
-    # the shifted part is its ID images plus noise of about the recorded std
-    diff = x[50:150].float() / 255 - id_train.images[comp["shifted_indices"]].float() / 255
-    assert diff.abs().mean() > 0.01
+    # the shifted part is its ID images plus noise of the recorded std, on the uint8 grid
+    noise = x[50:150] - id_train.__getitems__(comp["shifted_indices"])[0]
+    assert torch.equal(torch.round(x[50:150] * 255), x[50:150] * 255)
+    interior = (x[50:150] > 0) & (x[50:150] < 1)  # not clipped
+    std = torch.tensor(comp["shift_std"])[:, None, None, None].expand_as(noise)
+    ratio = (noise[interior] / std[interior]).std().item()
+    assert 0.9 < ratio < 1.1
+    # every image's noise is its own: fetched alone or in another batch, it is the same
+    assert torch.equal(a.images.__getitems__([120, 51])[0], x[[120, 51]])
+
+
+def test_shifted_images_noise_by_hand() -> None:
+    """One pixel's noise is the first normal of its image's stream times the image's std."""
+    x = torch.full((2, 1, 1, 1), 0.5)
+    got = gaussian_noise(x, np.array([0.04, 0.1]), np.array([7, 3]), seed=5)
+    for i, (s, key) in enumerate(((0.04, 7), (0.1, 3))):
+        z = numpy_rng(5, "wild-shift", key).standard_normal()
+        assert got[i].item() == pytest.approx(round((0.5 + z * s) * 255) / 255, abs=1e-6)
 
 
 def test_wild_flags_are_checked() -> None:

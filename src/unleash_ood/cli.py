@@ -42,7 +42,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--benchmark",
         default="fmnist",
-        help="benchmark suite (see 'unleash datasets') or a benchmark .json file",
+        help="benchmark suite (see 'unleash datasets') or a benchmark .json / .yaml file",
     )
     p.add_argument(
         "--data-dir",
@@ -222,6 +222,7 @@ def _tracker(args: argparse.Namespace, bench, device):
         args.eval_batch_size,
         args.recompute_bn,
         progress=not args.no_progress,
+        workers=args.workers,
     )
 
 
@@ -267,7 +268,9 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
     recipe = _recipe_from(args, model=args.model, model_kwargs=_model_kwargs(args.model_arg))
     train_data = TrainingData(args.train_size, args.label_noise, recipe.seed)
     bench = load_benchmark(args.benchmark, args.data_dir)
-    ctx = RunContext.open(bench, args.out, args.device, progress=not args.no_progress)
+    ctx = RunContext.open(
+        bench, args.out, args.device, progress=not args.no_progress, workers=args.workers
+    )
     tracker = _tracker(args, bench, ctx.device) if args.track else None
     history = pretrain_run(ctx, recipe, args.resume, tracker, train_data)
     if history:
@@ -397,7 +400,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         model_kwargs=start.get("model_kwargs", {}),
     )
     bench = load_benchmark(args.benchmark, args.data_dir)
-    ctx = RunContext.open(bench, args.out, args.device, progress=not args.no_progress)
+    ctx = RunContext.open(
+        bench, args.out, args.device, progress=not args.no_progress, workers=args.workers
+    )
     tracker = _tracker(args, bench, ctx.device) if args.track else None
     final, choice = finetune_run(
         ctx, Path(args.from_), spec, recipe, args.resume, tracker, recipe_name
@@ -556,7 +561,19 @@ def _add_training_run_args(p: argparse.ArgumentParser) -> None:
     _add_track_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_workers_arg(p)
     _add_data_args(p)
+
+
+def _add_workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="processes decoding streamed image files (benchmark files, imagenet-openood) in "
+        "every pass over data: training, validation, xi's estimate, outlier batches, tracking "
+        "(default: 0, none)",
+    )
 
 
 def _add_outlier_args(p: argparse.ArgumentParser) -> None:
@@ -977,6 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("track", help="OOD metrics of every saved epoch of a training run")
     p.add_argument("out", metavar="RUN", help="run directory written by 'unleash pretrain'")
     _add_track_args(p)
+    _add_workers_arg(p)
     _add_data_args(p)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -18,18 +18,27 @@ import torch
 
 from unleash_ood.data.base import Benchmark
 from unleash_ood.device import Dist, init_distributed, resolve_device
+from unleash_ood.errors import UserError
 
 
 @dataclass(frozen=True)
 class RunContext:
-    """The benchmark, output folder, device, place in a ``torchrun`` job and progress display
-    of one run."""
+    """The benchmark, output folder, device, place in a ``torchrun`` job, progress display and
+    data-loading processes of one run. ``workers`` processes decode streamed image files
+    (:class:`~unleash_ood.data.streaming.ImageFiles`) in every pass the run makes over data:
+    training, validation, xi's estimate, outlier batches, evaluations (0: in the run's own
+    process)."""
 
     benchmark: Benchmark
     out: Path
     device: torch.device
     dist: Dist = field(default_factory=Dist)
     progress: bool = True
+    workers: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0:
+            raise UserError(f"workers must be an integer >= 0, not {self.workers!r}")
 
     @classmethod
     def open(
@@ -38,12 +47,13 @@ class RunContext:
         out: str | Path,
         device: str | torch.device = "auto",
         progress: bool = True,
+        workers: int = 0,
     ) -> RunContext:
         """Join the process group ``torchrun`` describes (if any), then resolve the device:
         under ``torchrun`` with CUDA each process takes its own GPU."""
         resolved = resolve_device(device) if isinstance(device, str) else torch.device(device)
         dist, resolved = init_distributed(resolved)
-        return cls(benchmark, Path(out), resolved, dist, progress)
+        return cls(benchmark, Path(out), resolved, dist, progress, workers)
 
     @property
     def main(self) -> bool:

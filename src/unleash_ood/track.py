@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
-from unleash_ood.data.base import Benchmark, ImageSet
+from unleash_ood.data.base import Benchmark, ImageData
 from unleash_ood.device import to_device
 from unleash_ood.evaluate import Evaluation, Evaluator
 from unleash_ood.metrics import METRIC_NAMES
@@ -43,12 +43,14 @@ COLUMNS = (
 @torch.no_grad()
 def recompute_batchnorm(
     model: Classifier,
-    data: ImageSet,
+    data: ImageData,
     device: torch.device,
     batch_size: int = 512,
     max_batches: int = 40,
+    workers: int = 0,
 ) -> None:
-    """Replace BatchNorm running statistics by their exact average over training batches.
+    """Replace BatchNorm running statistics by their exact average over training batches
+    (decoded in ``workers`` processes when streamed).
 
     Running averages lag behind the weights while the learning rate is high, so an epoch's
     eval-mode predictions carry noise that has nothing to do with what the weights learned.
@@ -61,7 +63,7 @@ def recompute_batchnorm(
         m.reset_running_stats()
         m.momentum = None  # cumulative average over the batches below
         m.train()
-    for i, (x, _) in enumerate(data.batches(batch_size)):
+    for i, (x, _) in enumerate(data.batches(batch_size, workers)):
         if i == max_batches:
             break
         model.features(to_device(x, device))
@@ -82,7 +84,8 @@ def evaluation_rows(ev: Evaluation, epoch: int, train_metrics: dict) -> list[dic
 
 
 class Tracker:
-    """Evaluates one epoch's model on OOD val and test sets and keeps ``track.csv`` current."""
+    """Evaluates one epoch's model on OOD val and test sets and keeps ``track.csv`` current;
+    ``workers`` processes decode streamed images."""
 
     def __init__(
         self,
@@ -93,9 +96,10 @@ class Tracker:
         batch_size: int = 512,
         recompute_bn: bool = False,
         progress: bool = True,
+        workers: int = 0,
     ):
         self.benchmark, self.scorers, self.out = benchmark, scorers, out
-        self.device, self.batch_size = device, batch_size
+        self.device, self.batch_size, self.workers = device, batch_size, workers
         self.recompute_bn, self.progress = recompute_bn, progress
         existing = out / "track.csv"
         self.rows: list[dict] = read_track_csv(existing) if existing.exists() else []
@@ -103,7 +107,9 @@ class Tracker:
     def __call__(self, epoch: int, model: Classifier, train_metrics: dict) -> None:
         if self.recompute_bn:  # on a copy: a training run's own statistics stay untouched
             model = copy.deepcopy(model)
-            recompute_batchnorm(model, self.benchmark.id_train, self.device, self.batch_size)
+            recompute_batchnorm(
+                model, self.benchmark.id_train, self.device, self.batch_size, workers=self.workers
+            )
         model.eval()
         ev = Evaluator(
             model,
@@ -112,6 +118,7 @@ class Tracker:
             device=self.device,
             batch_size=self.batch_size,
             progress=False,
+            workers=self.workers,
         ).run(("val", "test"))
         self.rows = [r for r in self.rows if r["epoch"] != epoch]
         self.rows += evaluation_rows(ev, epoch, train_metrics)

@@ -459,9 +459,11 @@ def pretrain(
     progress: bool = True,
     on_save: Callable[[int, Classifier, dict], None] | None = None,
     train_data: TrainingData | None = None,
+    workers: int = 0,
 ) -> list[EpochStats]:
-    """:func:`pretrain_run` in a :class:`~unleash_ood.context.RunContext` made here."""
-    ctx = RunContext.open(benchmark, out, device, progress)
+    """:func:`pretrain_run` in a :class:`~unleash_ood.context.RunContext` made here;
+    ``workers`` processes decode streamed training and validation images."""
+    ctx = RunContext.open(benchmark, out, device, progress, workers)
     return pretrain_run(ctx, recipe, resume, on_save, train_data)
 
 
@@ -504,6 +506,7 @@ def pretrain_run(
         progress=ctx.progress,
         extra_meta={"benchmark": benchmark.name, **data_meta},
         on_save=on_save,
+        workers=ctx.workers,
     )
     if ctx.main:
         if not resume:
@@ -518,6 +521,7 @@ def pretrain_run(
                     "recipe": asdict(recipe),
                     "train_data": train_data.to_dict(),
                     "train_size": len(train_set),
+                    "workers": ctx.workers,
                 },
             )
             if train_data.label_noise:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from unleash_ood.data import cifar, fmnist, openood  # noqa: F401  (register datasets and suites)
 from unleash_ood.data.base import Benchmark, ImageData, ImageSet, data_roots
-from unleash_ood.data.benchmark_file import load_benchmark_file
+from unleash_ood.data.benchmark_file import YAML_SUFFIXES, load_benchmark_file
 from unleash_ood.data.registry import DATASETS, SUITES, get_suite
 from unleash_ood.data.streaming import ImageFiles
 from unleash_ood.errors import UserError
@@ -15,8 +15,9 @@ from unleash_ood.errors import UserError
 
 def load_benchmark(name: str, data_dir: str | os.PathLike | None = None) -> Benchmark:
     """Build the named suite from data found under ``data_dir``, ``$UNLEASH_DATA`` or the
-    system; a name ending in ``.json`` is a benchmark file (:mod:`benchmark_file`)."""
-    if name.endswith(".json"):
+    system; a name ending in ``.json``, ``.yaml`` or ``.yml`` is a benchmark file
+    (:mod:`benchmark_file`)."""
+    if name.endswith((".json", *YAML_SUFFIXES)):
         if not Path(name).is_file():
             raise UserError(f"benchmark file {name} not found")
         return load_benchmark_file(name)

@@ -1,6 +1,7 @@
-"""A benchmark described by a small JSON file, its image files streamed (:mod:`streaming`).
+"""A benchmark described by a small JSON or YAML file, its image files streamed
+(:mod:`streaming`).
 
-::
+The JSON form (the ``#`` notes are not part of it)::
 
     {
       "name": "my-bench",
@@ -14,6 +15,18 @@
       "ood_test": {"name": SOURCE, ...},
       "groups": {"near": ["name", ...], "far": [...]}       # optional
     }
+
+The same in YAML (``.yaml`` / ``.yml``, read with ``yaml.safe_load`` when PyYAML, the
+``yaml`` extra, is installed), checked by the same :func:`check_spec`::
+
+    name: my-bench
+    resolution: 32
+    channels: 3
+    classes: [cat, dog]
+    id: {train: train, val: val, test: test}
+    ood_test:
+      noise: noise
+      textures: {imglist: lists/textures.txt, root: images}
 
 A SOURCE is a folder (a string, or ``{"folder": ...}``), in ImageFolder layout for ID sets
 (one sub-folder per class) and any layout for OOD sets; or an OpenOOD v1.5 image list
@@ -35,18 +48,62 @@ from unleash_ood.errors import UserError
 
 KEYS = {"name", "resolution", "channels", "pre_size", "classes", "mean", "std", "root", "id"}
 KEYS |= {"ood_val", "ood_test", "groups"}
+YAML_SUFFIXES = (".yaml", ".yml")
 REQUIRED = ("name", "resolution", "channels", "classes", "id", "ood_test")
 ID_SPLITS = ("train", "val", "test")
 
 
 def load_benchmark_file(path: str | Path) -> Benchmark:
-    """The :class:`Benchmark` a JSON file describes (see the module docstring)."""
+    """The :class:`Benchmark` a JSON or YAML file describes (see the module docstring)."""
     path = Path(path)
     try:
-        spec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"benchmark file {path}: not readable JSON ({e})") from None
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"benchmark file {path}: not readable ({e})") from None
+    spec = read_yaml(text, path) if path.suffix in YAML_SUFFIXES else read_json(text, path)
     return benchmark_from_spec(spec, path.parent, str(path))
+
+
+def read_json(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"benchmark file {path}: not readable JSON ({e})") from None
+
+
+def read_yaml(text: str, path: Path) -> Any:
+    """YAML through ``yaml.safe_load`` (plain data only: no Python objects are ever built)
+    when PyYAML, an optional extra, is installed."""
+    try:
+        import yaml
+    except ImportError:
+        raise UserError(
+            f"benchmark file {path}: reading YAML needs PyYAML; pip install pyyaml "
+            "(or write the file as JSON)"
+        ) from None
+    try:
+        spec = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = " ".join(str(e).split())  # its message spans lines: one line here
+        raise UserError(f"benchmark file {path}: not readable YAML ({where})") from None
+    _check_string_keys(spec, path, set())
+    return spec
+
+
+def _check_string_keys(value: Any, path: Path, seen: set[int]) -> None:
+    """YAML, unlike JSON, allows keys that are numbers, dates or lists: refuse them, so that
+    the spec holds what a JSON file can. Each container is visited once (YAML aliases may
+    share one many times, or hold themselves)."""
+    if not isinstance(value, dict | list) or id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, dict):
+        bad = [k for k in value if not isinstance(k, str)]
+        if bad:
+            raise UserError(f"benchmark file {path}: key {bad[0]!r} is not a string; quote it")
+        value = list(value.values())
+    for item in value:
+        _check_string_keys(item, path, seen)
 
 
 def benchmark_from_spec(spec: Any, base: Path, where: str) -> Benchmark:
@@ -145,7 +202,7 @@ def check_spec(spec: Any, where: str) -> None:
         raise UserError(f"{where}: {what}")
 
     if not isinstance(spec, dict):
-        fail("expected a JSON object")
+        fail("expected an object (a mapping of field names to values)")
     unknown = sorted(set(spec) - KEYS)
     if unknown:
         fail(f"unknown field {unknown[0]!r}; fields are {', '.join(sorted(KEYS))}")

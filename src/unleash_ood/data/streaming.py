@@ -100,9 +100,7 @@ class ImageFiles(Dataset):
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Sequential float batches in [0, 1], decoded in ``workers`` processes (0: here),
         in page-locked memory when ``pin_memory`` so copies to a GPU can overlap compute."""
-        starts = range(0, len(self), batch_size)
-        index = (range(s, min(s + batch_size, len(self))) for s in starts)
-        return load_batches(self, index, workers, pin_memory)
+        return sequential_batches(self, batch_size, workers, pin_memory)
 
     def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> ImageFiles:
         index = torch.as_tensor(index, dtype=torch.int64)
@@ -151,6 +149,16 @@ def load_batches(
         if error:
             raise UserError(error)
         yield x, y
+
+
+def sequential_batches(
+    data: ImageData, batch_size: int, workers: int = 0, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``data`` in order, ``batch_size`` at a time, through :func:`load_batches`: the
+    ``batches`` of every lazily fetched dataset."""
+    starts = range(0, len(data), batch_size)
+    index = (range(s, min(s + batch_size, len(data))) for s in starts)
+    return load_batches(data, index, workers, pin_memory)
 
 
 class _Fetch(Dataset):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from unleash_ood.data.base import ImageSet
+from unleash_ood.data.base import ImageData
 from unleash_ood.method.constraint import masked_copy, per_sample_losses
 from unleash_ood.outputs import forward_outputs
 from unleash_ood.report import save_figure
@@ -36,7 +36,7 @@ class Atypicality:
 
 def atypicality(
     model: torch.nn.Module,
-    data: ImageSet,
+    data: ImageData,
     mask_fraction: float = 0.035,
     n_masks: int = 5,
     seed: int = 0,
@@ -83,7 +83,7 @@ def ranking_rows(a: Atypicality, labels: np.ndarray) -> list[list]:
 
 
 def plot_grid(
-    a: Atypicality, data: ImageSet, class_names: tuple[str, ...], path, per_class: int = 8
+    a: Atypicality, data: ImageData, class_names: tuple[str, ...], path, per_class: int = 8
 ) -> None:
     """Rows = classes; left block the most atypical samples, right block the most typical."""
     import matplotlib.pyplot as plt
@@ -105,7 +105,8 @@ def plot_grid(
             ax.axis("off")
             if i is None:
                 continue
-            ax.imshow(data.images[i].permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray")
+            image = data.__getitems__([int(i)])[0][0]  # decoded here when streamed
+            ax.imshow(image.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray")
             wrong = a.prediction[i] != c
             name = class_names[a.prediction[i]] if class_names else str(a.prediction[i])
             ax.set_title(f"pred {name[:9]}", fontsize=5, color="red" if wrong else "black")

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from unleash_ood.augment import augment
-from unleash_ood.data.base import ImageSet
+from unleash_ood.data.base import ImageData
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
 from unleash_ood.rng import torch_generator
@@ -61,21 +61,22 @@ def masked_copy(model: nn.Module, fraction: float, generator: torch.Generator) -
 @torch.no_grad()
 def per_sample_losses(
     model: nn.Module,
-    data: ImageSet,
+    data: ImageData,
     augmentation: str,
     seed: int,
     device: torch.device,
     batch_size: int = 512,
     progress: str | None = None,
+    workers: int = 0,
 ) -> torch.Tensor:
     """Eval-mode cross-entropy of every training sample, augmented with a seeded generator
     (so the masked and the unmasked model see identical images). ``progress``: the label of a
-    progress bar, or None for none."""
+    progress bar, or None for none; ``workers``: processes decoding streamed images."""
     model.eval()
     g = torch_generator(seed, "loss-augment")
     losses = []
     batches = tqdm(
-        data.batches(batch_size),
+        data.batches(batch_size, workers, torch.device(device).type == "cuda"),
         total=-(-len(data) // batch_size),
         desc=progress,
         leave=False,
@@ -90,14 +91,17 @@ def per_sample_losses(
 
 def mean_train_loss(
     model: nn.Module,
-    data: ImageSet,
+    data: ImageData,
     augmentation: str,
     seed: int,
     device: torch.device,
     batch_size: int = 512,
     progress: str | None = None,
+    workers: int = 0,
 ) -> float:
-    losses = per_sample_losses(model, data, augmentation, seed, device, batch_size, progress)
+    losses = per_sample_losses(
+        model, data, augmentation, seed, device, batch_size, progress, workers
+    )
     return float(losses.mean())
 
 
@@ -127,7 +131,7 @@ class XiEstimate:
 
 def estimate_loss_constraint(
     model: nn.Module,
-    data: ImageSet,
+    data: ImageData,
     mask_fraction: float = 0.035,
     seed: int = 0,
     n_masks: int = 1,
@@ -136,6 +140,7 @@ def estimate_loss_constraint(
     batch_size: int = 512,
     reduction: str = "mean",
     progress: bool = False,
+    workers: int = 0,
 ) -> XiEstimate:
     """The official estimate of xi (``estimate_loss.py``): mean CE of the model with a random
     ``mask_fraction`` of each conv/linear layer's weights zeroed, in eval mode, over the
@@ -161,9 +166,9 @@ def estimate_loss_constraint(
         label = f"xi: mask {i + 1}/{n_masks}" if progress else None
         masked = masked_copy(model, mask_fraction, g)
         per_mask.append(
-            mean_train_loss(masked, data, augmentation, seed, device, batch_size, label)
+            mean_train_loss(masked, data, augmentation, seed, device, batch_size, label, workers)
         )
     label = "xi: unmasked model" if progress else None
-    base = mean_train_loss(model, data, augmentation, seed, device, batch_size, label)
+    base = mean_train_loss(model, data, augmentation, seed, device, batch_size, label, workers)
     xi = float(np.mean(per_mask) if reduction == "mean" else np.median(per_mask))
     return XiEstimate(xi, tuple(per_mask), base, mask_fraction, reduction)

@@ -83,13 +83,15 @@ def with_method_layers(model: torch.nn.Module, spec: FinetuneSpec, seed: int) ->
 
 
 def make_objective(
-    benchmark: Benchmark, spec: FinetuneSpec, recipe: Recipe, xi: float | None
+    benchmark: Benchmark, spec: FinetuneSpec, recipe: Recipe, xi: float | None, workers: int = 0
 ) -> Objective:
     """The training loss: CE or UM on the ID term, plus the registered outlier method's term
-    when asked for (:data:`~unleash_ood.method.outliers.OUTLIER_OBJECTIVES`)."""
+    when asked for (:data:`~unleash_ood.method.outliers.OUTLIER_OBJECTIVES`); ``workers``
+    processes decode streamed images in the passes the objective makes over data."""
     if spec.outliers is None:
         return UMObjective(xi) if xi is not None else cross_entropy
-    return outlier_class(spec.outliers.method).build(spec.outliers, benchmark, recipe, xi)
+    method = outlier_class(spec.outliers.method)
+    return method.build(spec.outliers, benchmark, recipe, xi, workers)
 
 
 def run_finetune(
@@ -120,7 +122,7 @@ def run_finetune(
         **({"outliers": asdict(spec.outliers)} if spec.outliers else {}),
         **(extra or {}),
     }
-    objective = make_objective(benchmark, spec, recipe, xi)
+    objective = make_objective(benchmark, spec, recipe, xi, ctx.workers)
     if isinstance(objective, WildObjective) and ctx.main:  # which images are ID, shifted, outliers
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "wild.json", objective.mix.composition())
@@ -135,6 +137,7 @@ def run_finetune(
         objective=objective,
         progress=ctx.progress,
         on_save=on_save,
+        workers=ctx.workers,
         extra_meta={
             "benchmark": benchmark.name,
             "finetune": info,
@@ -182,6 +185,7 @@ def _estimate(model, ctx: RunContext, spec: FinetuneSpec, recipe: Recipe) -> XiE
         ctx.device,
         reduction=spec.xi_reduction,
         progress=ctx.progress,
+        workers=ctx.workers,
     )
 
 
@@ -199,7 +203,13 @@ def choose_xi(ctx: RunContext, start: Path, spec: FinetuneSpec, recipe: Recipe) 
     else:
         label = "training loss" if ctx.progress else None
         loss = mean_train_loss(
-            model, bench.id_train, recipe.augment, recipe.seed, ctx.device, progress=label
+            model,
+            bench.id_train,
+            recipe.augment,
+            recipe.seed,
+            ctx.device,
+            progress=label,
+            workers=ctx.workers,
         )
         choice = XiChoice("given", float(spec.xi), loss)
     if choice.xi <= choice.train_loss:
@@ -216,9 +226,8 @@ def validate_xi(
     ``acc_tolerance`` of the starting model's."""
     bench, device = ctx.benchmark, ctx.device
     est = _estimate(model, ctx, spec, recipe)
-    base_acc = evaluate(
-        model, bench, "energy", splits=("val",), device=device, progress=False
-    ).accuracy["id_val"]
+    kw = {"splits": ("val",), "device": device, "progress": False, "workers": ctx.workers}
+    base_acc = evaluate(model, bench, "energy", **kw).accuracy["id_val"]
     candidates = sorted({round(est.xi * f, 6) for f in spec.xi_grid})
     candidates = [x for x in candidates if x > est.train_loss]
     if not candidates:
@@ -231,7 +240,7 @@ def validate_xi(
             run_finetune(ctx.under(run), start, spec, recipe, xi)
         ctx.barrier()  # the main process writes ``final``; every process reads it
         tuned, _ = load_checkpoint(final, device)
-        ev = evaluate(tuned, bench, "energy", splits=("val",), device=device, progress=False)
+        ev = evaluate(tuned, bench, "energy", **kw)
         grid.append(
             {
                 "xi": xi,
@@ -270,9 +279,11 @@ def finetune(
     progress: bool = True,
     on_save=None,
     recipe_name: str | None = None,
+    workers: int = 0,
 ) -> tuple[Path, XiChoice]:
-    """:func:`finetune_run` in a :class:`~unleash_ood.context.RunContext` made here."""
-    ctx = RunContext.open(benchmark, out, device, progress)
+    """:func:`finetune_run` in a :class:`~unleash_ood.context.RunContext` made here;
+    ``workers`` processes decode streamed images in every pass over data."""
+    ctx = RunContext.open(benchmark, out, device, progress, workers)
     return finetune_run(ctx, start, spec, recipe, resume, on_save, recipe_name)
 
 
@@ -327,6 +338,7 @@ def finetune_run(
                     "recipe": asdict(recipe),
                     "train_size": len(ctx.benchmark.id_train),
                     "processes": ctx.dist.world,
+                    "workers": ctx.workers,
                 },
             )
     if choice.source == "validate" and not resume:

@@ -22,7 +22,7 @@ registered with :func:`register`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -31,7 +31,8 @@ from torch import nn
 
 from unleash_ood.augment import augment
 from unleash_ood.data.auxiliary import load_aux
-from unleash_ood.data.base import Benchmark, ImageSet
+from unleash_ood.data.base import Benchmark, ImageData
+from unleash_ood.data.streaming import load_batches
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
 from unleash_ood.method.constraint import um_loss
@@ -57,14 +58,22 @@ def id_loss(xi: float | None) -> IdLoss:
 class OutlierStream:
     """Outlier batches of a fixed size from ``aux``: a per-epoch permutation of a pool (all of
     ``aux`` unless a method narrows it, as POEM does), drawn without replacement, augmented like
-    ID data, each process of a ``torchrun`` job taking its share of the global batch."""
+    ID data, each process of a ``torchrun`` job taking its share of the global batch.
 
-    def __init__(self, aux: ImageSet, n_out: int, augmentation: str, seed: int):
+    With ``workers``, the batches that lie wholly inside the current permutation are fetched
+    ahead in that many processes (decoded there when ``aux`` streams files, as WOODS's wild mix
+    of streamed ID images does); a batch that wraps into the next permutation is fetched here.
+    Which images a batch holds, and their augmentation, are the same either way.
+    """
+
+    def __init__(self, aux: ImageData, n_out: int, augmentation: str, seed: int, workers: int = 0):
         if len(aux) == 0:
             raise UserError("the auxiliary outlier set is empty; pass another --aux")
         self.aux, self.n_out, self.augmentation, self.seed = aux, n_out, augmentation, seed
+        self.workers = workers
         self.pool = torch.arange(len(aux))
         self.order, self.cursor = self.pool, 0
+        self.ahead: Iterator[tuple[torch.Tensor, torch.Tensor]] | None = None
         self.rank, self.world = 0, 1
         self.generator = torch.Generator()
 
@@ -76,9 +85,19 @@ class OutlierStream:
     def _reshuffle(self) -> None:
         self.order = self.pool[torch.randperm(len(self.pool), generator=self.generator)]
         self.cursor = 0
+        self.ahead = None  # its batches were of the previous permutation
 
-    def next(self, device: torch.device) -> torch.Tensor:
-        """This process's share of the next global outlier batch."""
+    def _fetch_ahead(self, pin_memory: bool) -> torch.Tensor:
+        """The batch at the cursor, from the loader of the current permutation's batches."""
+        if self.ahead is None:
+            order, n = self.order, self.n_out
+            index = (order[s : s + n] for s in range(self.cursor, len(order) - n + 1, n))
+            self.ahead = load_batches(self.aux, index, self.workers, pin_memory)
+        self.cursor += self.n_out
+        return next(self.ahead)[0]
+
+    def _fetch_here(self) -> torch.Tensor:
+        """The batch at the cursor, continued from a fresh permutation where this one ends."""
         index = []
         need = self.n_out
         while need:
@@ -88,7 +107,14 @@ class OutlierStream:
             self.cursor += len(take)
             need -= len(take)
             index.append(take)
-        x, _ = self.aux.__getitems__(torch.cat(index))
+        return self.aux.__getitems__(torch.cat(index))[0]
+
+    def next(self, device: torch.device) -> torch.Tensor:
+        """This process's share of the next global outlier batch."""
+        if self.workers and self.cursor + self.n_out <= len(self.order):
+            x = self._fetch_ahead(pin_memory=device.type == "cuda")
+        else:
+            x = self._fetch_here()
         x = augment(x, self.augmentation, self.generator, padding=x.shape[-1] // 8)
         return to_device(x[self.rank :: self.world], device)
 
@@ -133,18 +159,20 @@ class OutlierObjective(Objective):
     def __init__(
         self,
         spec: OutlierSpec,
-        aux: ImageSet,
+        aux: ImageData,
         xi: float | None,
         batch_size: int,
         epochs: int,
         augmentation: str,
         seed: int,
-        id_train: ImageSet | None = None,
+        id_train: ImageData | None = None,
+        workers: int = 0,
     ):
         spec.check()
         self.spec, self.id_loss, self.epochs, self.id_train = spec, id_loss(xi), epochs, id_train
-        self.seed = seed
-        self.stream = OutlierStream(aux, spec.aux_batch(batch_size), augmentation, seed)
+        self.seed, self.workers = seed, workers  # for passes over streamed data
+        n_out = spec.aux_batch(batch_size)
+        self.stream = OutlierStream(aux, n_out, augmentation, seed, workers)
         self.setup()
 
     def setup(self) -> None:
@@ -158,9 +186,15 @@ class OutlierObjective(Objective):
 
     @classmethod
     def build(
-        cls, spec: OutlierSpec, benchmark: Benchmark, recipe: Recipe, xi: float | None
+        cls,
+        spec: OutlierSpec,
+        benchmark: Benchmark,
+        recipe: Recipe,
+        xi: float | None,
+        workers: int = 0,
     ) -> OutlierObjective:
-        """The objective of ``spec`` for a fine-tune of ``recipe`` on ``benchmark``."""
+        """The objective of ``spec`` for a fine-tune of ``recipe`` on ``benchmark``; its
+        passes over the ID training data decode streamed images in ``workers`` processes."""
         source = cls.outlier_source(spec, benchmark, recipe)
         return cls(
             spec,
@@ -171,6 +205,7 @@ class OutlierObjective(Objective):
             recipe.augment,
             recipe.seed,
             benchmark.id_train,
+            workers=workers,
         )
 
     def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:

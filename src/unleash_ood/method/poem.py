@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from unleash_ood.data.base import ImageSet
+from unleash_ood.data.base import ImageData, ImageSet
 from unleash_ood.method.outliers import EnergyOE, register
 from unleash_ood.outputs import forward_outputs
 from unleash_ood.rng import torch_generator
@@ -56,14 +56,16 @@ class PoemSelector:
         self.boundary: torch.Tensor | None = None  # the last sampled weights, for inspection
 
     def select(
-        self, model: nn.Module, aux: ImageSet, id_train: ImageSet, epoch: int
+        self, model: nn.Module, aux: ImageSet, id_train: ImageData, epoch: int, workers: int = 0
     ) -> torch.Tensor:
+        """The indices into ``aux`` kept for epoch ``epoch``; ``workers`` processes decode
+        the ID sample when ``id_train`` is streamed."""
         g = torch_generator(self.seed, "poem-select", epoch)
         n_keep = max(1, round(self.keep * len(aux)))
         device = next(model.parameters()).device
         z_aux = forward_outputs(model, aux, device).features
         id_index = torch.randperm(len(id_train), generator=g)[: min(n_keep, len(id_train))]
-        z_id = forward_outputs(model, id_train.subset(id_index), device).features
+        z_id = forward_outputs(model, id_train.subset(id_index), device, workers=workers).features
         # Before the first selection the buffer holds a random draw from the pool.
         recent = self.history[-BUFFER_EPOCHS:] or [torch.randperm(len(aux), generator=g)[:n_keep]]
         z_out = z_aux[torch.cat(recent)]
@@ -89,7 +91,9 @@ class Poem(EnergyOE):
         self.selector = PoemSelector(self.spec.poem_keep, self.seed)
 
     def start_epoch(self, epoch: int, model: nn.Module, rank: int = 0, world: int = 1) -> None:
-        self.stream.pool = self.selector.select(model, self.stream.aux, self.id_train, epoch)
+        self.stream.pool = self.selector.select(
+            model, self.stream.aux, self.id_train, epoch, self.workers
+        )
         super().start_epoch(epoch, model, rank, world)
 
     def state_dict(self) -> dict[str, torch.Tensor]:

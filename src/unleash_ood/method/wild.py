@@ -35,7 +35,9 @@ Deviations from the authors' code:
   batch. Holding data out would give these runs less labeled data than every other method;
 * the covariate shift is made here: Gaussian noise of one of the five CIFAR-10-C
   ``gaussian_noise`` severities (std 0.04-0.10, Hendrycks and Dietterich, ICLR 2019), chosen
-  per image, instead of loading CIFAR-10-C files;
+  per image, instead of loading CIFAR-10-C files; each image's noise comes from its own
+  seeded stream and is added when a batch is fetched, so the mix never holds the training
+  images (which may be streamed files) in memory;
 * wild batches are augmented like ID batches, as the other outlier methods here do; the
   recipe (epochs, learning rate, schedule) is the caller's, like every fine-tune here (theirs:
   100 epochs at lr 0.001 (WOODS) or 0.0005 (SCONE), Nesterov SGD halved at 50/75/90 %);
@@ -44,7 +46,9 @@ Deviations from the authors' code:
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -52,7 +56,9 @@ import torch
 from torch import nn
 
 from unleash_ood.data.auxiliary import load_aux
-from unleash_ood.data.base import Benchmark, ImageSet
+from unleash_ood.data.base import Benchmark, ImageData
+from unleash_ood.data.concat import ConcatData
+from unleash_ood.data.streaming import sequential_batches
 from unleash_ood.errors import UserError
 from unleash_ood.method.outliers import OutlierObjective, register
 from unleash_ood.outputs import forward_outputs
@@ -120,23 +126,68 @@ def wild_id_rate(wild_logits: torch.Tensor, logistic: nn.Linear, margin: float) 
     return torch.sigmoid(-logistic(s)).mean()
 
 
-def gaussian_corruption(
-    images: torch.Tensor, rng: np.random.Generator
-) -> tuple[torch.Tensor, np.ndarray]:
-    """uint8 ``images`` plus Gaussian noise of a random CIFAR-10-C severity per image, clipped
-    to [0, 1] and rounded back to uint8; returns the images and each one's noise std."""
-    std = rng.choice(GAUSSIAN_SEVERITIES, size=len(images))
-    noise = rng.standard_normal(tuple(images.shape)) * std[:, None, None, None]
-    x = np.clip(images.numpy() / 255.0 + noise, 0, 1)
-    return torch.from_numpy(np.round(x * 255).astype(np.uint8)), std
+def gaussian_noise(x: torch.Tensor, std: np.ndarray, keys: np.ndarray, seed: int) -> torch.Tensor:
+    """Float images ``x`` in [0, 1] plus Gaussian noise of std ``std[i]`` on image ``i``,
+    clipped to [0, 1] and rounded to the uint8 grid. Image ``i``'s noise is drawn from the
+    stream ``("wild-shift", keys[i])`` of ``seed``, so it is the same whichever batch asks."""
+    out = np.empty(tuple(x.shape), dtype=np.float32)
+    for i, (image, s, key) in enumerate(zip(x.numpy(), std, keys, strict=True)):
+        noise = numpy_rng(seed, "wild-shift", int(key)).standard_normal(image.shape) * s
+        out[i] = np.round(np.clip(image + noise, 0, 1) * 255) / 255
+    return torch.from_numpy(out)
+
+
+class ShiftedImages:
+    """Covariate-shifted ID images: ``data`` with :func:`gaussian_noise` added as batches are
+    fetched (nothing is decoded or copied up front, so ``data`` may be streamed files); an
+    :class:`~unleash_ood.data.base.ImageData`. ``std`` and ``keys`` (the images' ID training
+    indices, which key their noise) run along ``data``."""
+
+    def __init__(self, data: ImageData, std: np.ndarray, keys: np.ndarray, seed: int):
+        if not len(data) == len(std) == len(keys):
+            raise ValueError(f"{len(data)} images, {len(std)} stds and {len(keys)} keys")
+        self.data, self.std, self.keys, self.seed = data, np.asarray(std), np.asarray(keys), seed
+        self.name, self.labels = f"{data.name}-shifted", data.labels
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.data.shape
+
+    def __getitems__(self, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = np.asarray(idx, dtype=np.int64)
+        x, y = self.data.__getitems__(index.tolist())
+        return gaussian_noise(x, self.std[index], self.keys[index], self.seed), y
+
+    def batches(
+        self, batch_size: int, workers: int = 0, pin_memory: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        return sequential_batches(self, batch_size, workers, pin_memory)
+
+    def subset(self, index: torch.Tensor | np.ndarray, name: str | None = None) -> ShiftedImages:
+        index = np.asarray(torch.as_tensor(index, dtype=torch.int64))
+        data = self.data.subset(index, name)
+        return ShiftedImages(data, self.std[index], self.keys[index], self.seed)
+
+    def with_labels(self, labels: torch.Tensor, name: str) -> ShiftedImages:
+        return ShiftedImages(self.data.with_labels(labels, name), self.std, self.keys, self.seed)
+
+    def fingerprint(self) -> str:
+        h = hashlib.blake2b(digest_size=12)
+        h.update(f"{self.data.fingerprint()}|{self.seed}|".encode())
+        h.update(self.std.tobytes() + self.keys.tobytes())
+        return h.hexdigest()
 
 
 @dataclass
 class WildMix:
     """The wild set: clean ID images, covariate-shifted ID images and outliers, in that
-    order, with where each came from."""
+    order, with where each came from. ``images`` holds no pixels of its own: its parts are
+    fetched as batches ask (ID images from the training set, in memory or streamed)."""
 
-    images: ImageSet
+    images: ConcatData
     id_index: np.ndarray  # ID training indices of the clean part
     shifted_index: np.ndarray  # ID training indices of the shifted part
     shift_std: np.ndarray  # the noise std of each shifted image
@@ -169,28 +220,29 @@ def mix_counts(size: int, pi: float, shift: float) -> tuple[int, int, int]:
 
 
 def build_wild_mix(
-    id_train: ImageSet, outliers: ImageSet, source: str, pi: float, shift: float, seed: int
+    id_train: ImageData, outliers: ImageData, source: str, pi: float, shift: float, seed: int
 ) -> WildMix:
     """A wild set as large as ``id_train`` allows (at most ``len(outliers) / pi`` images) with
     a fraction ``pi`` of outliers and ``shift`` of corrupted ID images, drawn from the stream
-    ``"wild-mix"`` of ``seed``."""
+    ``"wild-mix"`` of ``seed``. No image is read here: ``id_train`` may be streamed files."""
     size = min(len(id_train), math.floor(len(outliers) / pi + 1e-9))
     n_id, n_shift, n_out = mix_counts(size, pi, shift)
     rng = numpy_rng(seed, "wild-mix")
     order = rng.permutation(len(id_train))
     id_index, shifted_index = np.sort(order[:n_id]), np.sort(order[n_id : n_id + n_shift])
-    shifted, std = gaussian_corruption(id_train.images[torch.from_numpy(shifted_index)], rng)
-    images = torch.cat(
-        [id_train.images[torch.from_numpy(id_index)], shifted, outliers.images[:n_out]]
-    )
-    return WildMix(ImageSet("wild", images), id_index, shifted_index, std, n_out, source, seed)
+    std = rng.choice(GAUSSIAN_SEVERITIES, size=n_shift)
+    shifted = ShiftedImages(id_train.subset(shifted_index), std, shifted_index, seed)
+    parts = [id_train.subset(id_index), shifted, outliers.subset(np.arange(n_out))]
+    unlabelled = torch.full((size,), -1, dtype=torch.int64)
+    images = ConcatData("wild", parts).with_labels(unlabelled, "wild")
+    return WildMix(images, id_index, shifted_index, std, n_out, source, seed)
 
 
-def load_wild_mix(spec: OutlierSpec, id_train: ImageSet, seed: int) -> WildMix:
+def load_wild_mix(spec: OutlierSpec, id_train: ImageData, seed: int) -> WildMix:
     """The wild mix of ``spec`` (``--wild``, ``--wild-pi``, the shifted fraction): outliers
     from ``spec.wild`` (any ``--aux`` source), at most ``--aux-size`` of them."""
     n_out = mix_counts(len(id_train), spec.wild_pi, spec.shift)[2]
-    _, c, h, _ = id_train.images.shape
+    c, h, _ = id_train.shape
     outliers = load_aux(spec.wild, h, c, min(n_out, spec.aux_size), seed)
     if len(outliers) == 0:
         raise UserError(f"the wild outlier source {spec.wild!r} is empty; pass another --wild")
@@ -216,12 +268,15 @@ class WildObjective(OutlierObjective):
         epochs: int,
         augmentation: str,
         seed: int,
-        id_train: ImageSet,
+        id_train: ImageData,
         alm: AlmSettings = AlmSettings(),
+        workers: int = 0,
     ):
         if spec.method not in WILD_METHODS:
             raise ValueError(f"WildObjective takes woods or scone, not {spec.method!r}")
-        super().__init__(spec, mix.images, xi, batch_size, epochs, augmentation, seed, id_train)
+        super().__init__(
+            spec, mix.images, xi, batch_size, epochs, augmentation, seed, id_train, workers
+        )
         self.mix, self.alm = mix, alm
         self.logistic = nn.Linear(1, 1)
         g = torch_generator(seed, "wild-logistic")
@@ -244,7 +299,7 @@ class WildObjective(OutlierObjective):
         """The false-alarm rate and the ID term over the whole ID training set (eval mode,
         no augmentation), as the authors measure them after each epoch."""
         device = next(model.parameters()).device
-        logits = forward_outputs(model, self.id_train, device).logits
+        logits = forward_outputs(model, self.id_train, device, workers=self.workers).logits
         with torch.no_grad():
             rate = false_alarm_rate(logits.to(self.logistic.weight.device), self.logistic)
             loss = self.id_loss(logits, self.id_train.labels)
@@ -256,7 +311,7 @@ class WildObjective(OutlierObjective):
         super().start_epoch(epoch, model, rank, world)
         if self.base_loss is None:  # the pretrained model's loss, the bound's reference
             device = next(model.parameters()).device
-            logits = forward_outputs(model, self.id_train, device).logits
+            logits = forward_outputs(model, self.id_train, device, workers=self.workers).logits
             self.base_loss = float(nn.functional.cross_entropy(logits, self.id_train.labels))
         else:  # after an epoch of training (also when resuming: the state is pre-update)
             rate, loss = self.constraint_values(model)
