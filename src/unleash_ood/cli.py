@@ -338,6 +338,9 @@ FINETUNE_FLAGS = (
     "acc_tolerance",
     "keep",
     "train_weights",
+    "alpa_weight",
+    "alpa_temperature",
+    "alpa_dim",
 )
 
 
@@ -901,13 +904,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=METHODS,
         help=f"um (loss constraint), umap (learned mask + constraint), ce (control), mask-ce "
-        f"(learned mask, plain CE); or give --loss and --trains (default: {d.method})",
+        f"(learned mask, plain CE), alpa (CE plus MODE's attention-based local term, for the "
+        f"mode scorer); or give --loss and --trains (default: {d.method})",
     )
     p.add_argument(
         "--loss",
         choices=LOSSES,
         default=None,
-        help="the ID loss, with --trains instead of --method: ce, or um (the loss constraint)",
+        help="the ID loss, with --trains instead of --method: ce, um (the loss constraint) "
+        "or alpa (with --trains weights)",
     )
     p.add_argument(
         "--trains",
@@ -927,7 +932,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=tuple(RECIPES),
         default=None,
-        help="paper: the official 100 epochs at lr 0.1 cosine from the well-trained model; "
+        help="paper: the official 100 epochs at lr 0.1 cosine from the well-trained model "
+        "(alpa: MODE's 500 epochs of batch 128); "
         "paper-oe: 10 epochs at lr 0.01 (the default with --outliers); quick: a 3-epoch "
         "demonstration, not the method's result. Any recipe flag below overrides its value "
         "(default: paper, or paper-oe with --outliers)",
