@@ -420,10 +420,10 @@ def cmd_watermark(args: argparse.Namespace) -> None:
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
-    from unleash_ood.method.watermark import run_watermark
+    from unleash_ood.method.watermark import check_watermark_out, run_watermark
 
     out = Path(args.out)
-    check_out(out)
+    check_watermark_out(out, args.resume)
     read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
     spec = WatermarkSpec(
         score=args.score,
@@ -439,7 +439,9 @@ def cmd_watermark(args: argparse.Namespace) -> None:
     )
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
-    final = run_watermark(bench, args.from_, spec, out, device, progress=not args.no_progress)
+    final = run_watermark(
+        bench, args.from_, spec, out, device, progress=not args.no_progress, resume=args.resume
+    )
     print(
         f"learned a {spec.score} watermark in {spec.epochs} epochs; watermarked model: "
         f"{final}.safetensors (evaluate it with 'unleash evaluate --checkpoint {final}'); "
@@ -472,6 +474,7 @@ def _add_watermark_parser(sub) -> None:
         )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of shuffling, flips and noise")
     p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     _add_data_args(p)
