@@ -405,7 +405,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     final, choice = finetune_run(
         ctx, Path(args.from_), spec, recipe, args.resume, tracker, recipe_name
     )
-    xi = "none (plain cross-entropy)" if choice.xi is None else f"{choice.xi:.4g} ({choice.source})"
+    xi = "none (no loss constraint)" if choice.xi is None else f"{choice.xi:.4g} ({choice.source})"
     if choice.estimate:
         per_mask = ", ".join(f"{v:.4g}" for v in choice.estimate["per_mask"])
         xi += f"; per mask {per_mask}, {choice.estimate.get('reduction', 'mean')} taken"

@@ -27,6 +27,11 @@ Defaults are theirs: ``tau = 10`` (``--temperature_s``), ``d = 80`` (``--feat_di
 runs from a CE-trained model for 500 epochs of batch 128 at lr 0.1 (cosine), momentum 0.9,
 weight decay 1e-4, the ``paper`` recipe of ``--method alpa`` here.
 
+Cost: the pairwise alignment takes memory and time ``O(N^2 P (P + d))`` for a batch of ``N``,
+as theirs (their ``N`` is twice the batch: two views). One step at batch 128 on the shipped
+Fashion-MNIST CNN (a 7 x 7 map of 128 channels) takes about 9 s and 3.5 GB on one CPU
+thread, against 0.2 s for CE: a GPU job at the paper's length.
+
 Deviations from the authors' code:
 
 * the global term is the cross-entropy of the model's own head on the pooled map. Their
@@ -40,7 +45,6 @@ Deviations from the authors' code:
 * the projectors start from the named stream ``alpa-attention`` with ``nn.Linear``'s own
   distribution, ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``; their hidden width is fixed at 512
   (ResNet's last map), ours is the model's ``D``;
-* memory grows as ``N^2 P (P + d)`` for a batch of ``N`` (the pairwise alignment), as theirs;
 * one process only: under ``torchrun`` each process would contrast its own shard with
   unsynchronised projectors.
 """
