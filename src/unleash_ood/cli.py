@@ -341,6 +341,9 @@ FINETUNE_FLAGS = (
     "acc_tolerance",
     "keep",
     "train_weights",
+    "alpa_weight",
+    "alpa_temperature",
+    "alpa_dim",
 )
 
 
@@ -407,7 +410,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     final, choice = finetune_run(
         ctx, Path(args.from_), spec, recipe, args.resume, tracker, recipe_name
     )
-    xi = "none (plain cross-entropy)" if choice.xi is None else f"{choice.xi:.4g} ({choice.source})"
+    xi = "none (no loss constraint)" if choice.xi is None else f"{choice.xi:.4g} ({choice.source})"
     if choice.estimate:
         per_mask = ", ".join(f"{v:.4g}" for v in choice.estimate["per_mask"])
         xi += f"; per mask {per_mask}, {choice.estimate.get('reduction', 'mean')} taken"
@@ -422,10 +425,10 @@ def cmd_watermark(args: argparse.Namespace) -> None:
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
-    from unleash_ood.method.watermark import run_watermark
+    from unleash_ood.method.watermark import check_watermark_out, run_watermark
 
     out = Path(args.out)
-    check_out(out)
+    check_watermark_out(out, args.resume)
     read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
     spec = WatermarkSpec(
         score=args.score,
@@ -441,7 +444,9 @@ def cmd_watermark(args: argparse.Namespace) -> None:
     )
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
-    final = run_watermark(bench, args.from_, spec, out, device, progress=not args.no_progress)
+    final = run_watermark(
+        bench, args.from_, spec, out, device, progress=not args.no_progress, resume=args.resume
+    )
     print(
         f"learned a {spec.score} watermark in {spec.epochs} epochs; watermarked model: "
         f"{final}.safetensors (evaluate it with 'unleash evaluate --checkpoint {final}'); "
@@ -474,6 +479,7 @@ def _add_watermark_parser(sub) -> None:
         )
     p.add_argument("--seed", type=int, default=d.seed, help="seed of shuffling, flips and noise")
     p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
     _add_data_args(p)
@@ -918,13 +924,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         choices=METHODS,
         help=f"um (loss constraint), umap (learned mask + constraint), ce (control), mask-ce "
-        f"(learned mask, plain CE); or give --loss and --trains (default: {d.method})",
+        f"(learned mask, plain CE), alpa (CE plus MODE's attention-based local term, for the "
+        f"mode scorer); or give --loss and --trains (default: {d.method})",
     )
     p.add_argument(
         "--loss",
         choices=LOSSES,
         default=None,
-        help="the ID loss, with --trains instead of --method: ce, or um (the loss constraint)",
+        help="the ID loss, with --trains instead of --method: ce, um (the loss constraint) "
+        "or alpa (with --trains weights)",
     )
     p.add_argument(
         "--trains",
@@ -944,7 +952,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipe",
         choices=tuple(RECIPES),
         default=None,
-        help="paper: the official 100 epochs at lr 0.1 cosine from the well-trained model; "
+        help="paper: the official 100 epochs at lr 0.1 cosine from the well-trained model "
+        "(alpa: MODE's 500 epochs of batch 128); "
         "paper-oe: 10 epochs at lr 0.01 (the default with --outliers); quick: a 3-epoch "
         "demonstration, not the method's result. Any recipe flag below overrides its value "
         "(default: paper, or paper-oe with --outliers)",

@@ -104,6 +104,9 @@ RECIPES = {
     "quick": replace(PAPER_RECIPE, epochs=3, lr=0.01),
 }
 QUICK_UMAP_LR = 0.1
+# ALPA's fine-tune (JimZAI/MODE-OOD, README and ALPA/main_cl.py --alpa_finetune): 500 epochs
+# of batch 128 at lr 0.1, cosine, from a CE-trained model; ``paper`` means that for it.
+ALPA_RECIPE = replace(PAPER_RECIPE, epochs=500, batch_size=128)
 
 
 def default_recipe_name(outliers: bool) -> str:
@@ -120,6 +123,8 @@ def finetune_recipe(
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; choose {', '.join(RECIPES)}")
     base = RECIPES[name]
+    if name == "paper" and method == "alpa":
+        base = ALPA_RECIPE
     if name == "quick" and METHOD_PARTS.get(method, ("", ""))[1] == "mask":
         base = replace(base, lr=QUICK_UMAP_LR)
     return replace(base, **changes)
@@ -235,9 +240,10 @@ METHOD_PARTS = {
     "umap": ("um", "mask"),
     "ce": ("ce", "weights"),
     "mask-ce": ("ce", "mask"),  # UMAP's mask learned with plain CE: UMAP without the constraint
+    "alpa": ("alpa", "weights"),  # CE plus MODE's local term on the last map (method/alpa.py)
 }
 METHODS = tuple(METHOD_PARTS)
-LOSSES = ("um", "ce")
+LOSSES = ("um", "ce", "alpa")
 TRAINS = ("weights", "mask")
 
 
@@ -274,6 +280,9 @@ class FinetuneSpec:
     acc_tolerance: float = knob(
         0.01, "--xi validate: ID validation accuracy a candidate may lose against the start"
     )
+    alpa_weight: float = knob(1.0, "alpa: weight lambda of the local term beside CE")
+    alpa_temperature: float = knob(10.0, "alpa: inverse temperature of the local contrast")
+    alpa_dim: int = knob(80, "alpa: dimension of the attention projections")
     outliers: OutlierSpec | None = None  # outlier exposure beside the ID term
 
     @property
@@ -312,6 +321,22 @@ class FinetuneSpec:
         for f in self.xi_grid:
             _finite("every --xi-grid value", f, 0, low_open=True)
         _finite("the accuracy tolerance", self.acc_tolerance, 0)
+        self._check_alpa()
+
+    def _check_alpa(self) -> None:
+        names = ("alpa_weight", "alpa_temperature", "alpa_dim")
+        if self.method != "alpa":
+            if any(getattr(self, n) != getattr(FinetuneSpec, n) for n in names):
+                raise UserError(
+                    "--alpa-weight, --alpa-temperature and --alpa-dim belong to --method alpa"
+                )
+            return
+        if self.outliers is not None:
+            raise UserError("--method alpa takes no --outliers; drop one of them")
+        _finite("--alpa-weight", self.alpa_weight, 0)
+        _finite("--alpa-temperature", self.alpa_temperature, 0, low_open=True)
+        if not isinstance(self.alpa_dim, int) or self.alpa_dim < 1:
+            raise UserError(f"--alpa-dim must be a positive integer, not {self.alpa_dim!r}")
 
     def check(self) -> None:
         """Kept for callers of the earlier API: a spec is validated when it is made."""

@@ -2,9 +2,11 @@
 constraint, and UMAP, which learns a pruning mask over the frozen pretrained weights.
 
 Importing the package registers every outlier-exposure method (``OUTLIER_OBJECTIVES``): OE and
-Energy-OE in ``outliers``, POEM, DOE, WOODS and SCONE in their own modules.
+Energy-OE in ``outliers``, POEM, DOE, WOODS and SCONE in their own modules. MODE's ALPA
+fine-tuning objective is in ``alpa``.
 """
 
+from unleash_ood.method.alpa import AlpaObjective
 from unleash_ood.method.constraint import (
     UMObjective,
     XiEstimate,
@@ -27,6 +29,7 @@ from unleash_ood.models.masked import (
 
 __all__ = [
     "OUTLIER_OBJECTIVES",
+    "AlpaObjective",
     "Doe",
     "MaskedConv2d",
     "MaskedLinear",

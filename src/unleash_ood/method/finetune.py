@@ -1,4 +1,5 @@
-"""Fine-tuning a well-trained model with UM, UMAP or the plain cross-entropy control.
+"""Fine-tuning a well-trained model with UM, UMAP or the plain cross-entropy control (or
+MODE's ALPA, :mod:`unleash_ood.method.alpa`).
 
 ``ce`` is the identical fine-tune without the constraint: every UM/UMAP number needs it beside
 it, because a few more epochs at a small learning rate change OOD metrics on their own.
@@ -26,6 +27,7 @@ from unleash_ood.data.base import Benchmark
 from unleash_ood.data.noise import TrainingData
 from unleash_ood.errors import UserError
 from unleash_ood.evaluate import evaluate
+from unleash_ood.method.alpa import AlpaObjective, check_alpa_model
 from unleash_ood.method.constraint import (
     UMObjective,
     XiEstimate,
@@ -83,11 +85,23 @@ def with_method_layers(model: torch.nn.Module, spec: FinetuneSpec, seed: int) ->
 
 
 def make_objective(
-    benchmark: Benchmark, spec: FinetuneSpec, recipe: Recipe, xi: float | None, workers: int = 0
+    benchmark: Benchmark,
+    spec: FinetuneSpec,
+    recipe: Recipe,
+    xi: float | None,
+    workers: int = 0,
+    channels: int | None = None,
 ) -> Objective:
     """The training loss: CE or UM on the ID term, plus the registered outlier method's term
-    when asked for (:data:`~unleash_ood.method.outliers.OUTLIER_OBJECTIVES`); ``workers``
+    when asked for (:data:`~unleash_ood.method.outliers.OUTLIER_OBJECTIVES`); for ALPA, CE
+    plus its local term on the last feature map of ``channels`` channels. ``workers``
     processes decode streamed images in the passes the objective makes over data."""
+    if spec.loss == "alpa":
+        if channels is None:
+            raise ValueError("ALPA's objective needs the channels of the model's last map")
+        return AlpaObjective(
+            channels, spec.alpa_weight, spec.alpa_temperature, spec.alpa_dim, recipe.seed
+        )
     if spec.outliers is None:
         return UMObjective(xi) if xi is not None else cross_entropy
     method = outlier_class(spec.outliers.method)
@@ -122,7 +136,7 @@ def run_finetune(
         **({"outliers": asdict(spec.outliers)} if spec.outliers else {}),
         **(extra or {}),
     }
-    objective = make_objective(benchmark, spec, recipe, xi, ctx.workers)
+    objective = make_objective(benchmark, spec, recipe, xi, ctx.workers, model.feature_dim)
     if isinstance(objective, WildObjective) and ctx.main:  # which images are ID, shifted, outliers
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "wild.json", objective.mix.composition())
@@ -191,7 +205,7 @@ def _estimate(model, ctx: RunContext, spec: FinetuneSpec, recipe: Recipe) -> XiE
 
 def choose_xi(ctx: RunContext, start: Path, spec: FinetuneSpec, recipe: Recipe) -> XiChoice:
     """Resolve ``spec.xi`` to a number, refusing values at which UM would do nothing."""
-    if spec.loss == "ce":
+    if spec.loss != "um":  # CE and ALPA have no constraint
         return XiChoice("none", None)
     bench = ctx.benchmark
     model, _ = load_checkpoint(start, ctx.device, bench.num_classes, bench.image_shape)
@@ -314,6 +328,10 @@ def finetune_run(
         )
     ctx = ctx.on(with_start_training_data(ctx.benchmark, start))
     out = ctx.out
+    if spec.loss == "alpa":
+        if ctx.dist.world > 1:
+            raise UserError("--method alpa trains on one process; drop torchrun")
+        check_alpa_model(load_checkpoint(start, ctx.device)[0])
     xi_file = out / "xi.json"
     if resume:
         if not xi_file.exists():

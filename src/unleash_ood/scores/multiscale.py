@@ -46,8 +46,9 @@ class MODE(Scorer):
     columns ``[H // 4, H - H // 4)`` (their fixed ``[1:3]`` of a 4 x 4 map, the same there);
     distances are Euclidean where their faiss index returns squared ones (the same ranking);
     the k-NN search is exact and runs in tiles (:func:`~unleash_ood.scores.distance.
-    knn_distance`). Their attention-based fine-tuning (ALPA) is a training objective and is
-    not part of this score: it runs on the model as it is.
+    knn_distance`). Their attention-based fine-tuning (ALPA) is a training objective, not part
+    of this score: ``unleash finetune --method alpa`` (:mod:`unleash_ood.method.alpa`); the
+    score runs on whichever model it is given.
     """
 
     name = "mode"
