@@ -76,6 +76,8 @@ def finetune_recipe(
 ) -> Recipe:
     """Stage 2's recipe: the ViT of ``model``'s encoder, SGD at ``lr`` for ``epochs``
     (defaults 0.01 and 30), the stage-1 batch size, augmentation and seed."""
+    if lr is not None and not 0 < lr < float("inf"):
+        raise UserError(f"--finetune-lr must be a positive number, not {lr!r}")
     return Recipe(
         model="vit",
         model_kwargs={"image_size": model.input_size, **model.arch},
