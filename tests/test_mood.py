@@ -176,7 +176,8 @@ def test_mim_trains_both_stages_resumes_exactly_and_evaluates(
             "min_block": 4,
         },
     }
-    assert stage2["recipe"]["epochs"] == 2 and stage2["recipe"]["lr"] == 0.01
+    assert stage2["recipe"]["epochs"] == 2 and stage2["recipe"]["lr"] == 1e-3
+    assert stage2["optimizer"] == "adam"
 
     # Ctrl-C in each stage, each followed by --resume: the same weights as straight through.
     let_run = interrupt_detector_at_second_epoch(monkeypatch)

@@ -800,7 +800,7 @@ def _add_detector_commands(sub) -> None:
         "--finetune-lr",
         type=float,
         default=None,
-        help="--kind mim: SGD learning rate of stage 2 (default 0.01)",
+        help="--kind mim: Adam learning rate of stage 2 (default 0.001)",
     )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")

@@ -11,10 +11,14 @@ the :class:`~unleash_ood.models.vit.ViT` (``finetune/checkpoints/epoch_NNN``, ``
 
 Stage 2 reuses the library's classifier :class:`~unleash_ood.train.Trainer` (labels, accuracy,
 classifier checkpoints, exact resume) rather than the detector trainer, whose models see no
-labels. Deviations from MOOD's fine-tuning (BEiT's: AdamW, layer-wise lr decay 0.65-0.9, 5
-warm-up epochs, drop path, RandAugment, mixup/cutmix, label smoothing 0.1, 100 epochs): SGD with
-momentum 0.9 (as the ViT paper fine-tunes), cosine decay, weight decay 1e-4, the stage-1
-augmentation, ``finetune_epochs`` (default 30) at ``finetune_lr`` (default 0.01).
+labels, with Adam in place of its SGD (:class:`FinetuneTrainer`): BEiT fine-tunes with AdamW,
+and SGD leaves a small ViT far behind (on 6,000 Fashion-MNIST images, 3 epochs: 43 % validation
+accuracy at SGD lr 0.05 against 69 % with Adam lr 1e-3). Deviations from MOOD's fine-tuning
+(BEiT's: AdamW with decoupled weight decay 0.05, layer-wise lr decay 0.65-0.9, 5 warm-up
+epochs, drop path, RandAugment, mixup/cutmix, label smoothing 0.1, 100 epochs): Adam betas
+(0.9, 0.999) without weight decay (the trainer's is coupled L2), no layer decay, warm-up or
+regularisers, cosine decay, the stage-1 augmentation, ``finetune_epochs`` (default 30) at
+``finetune_lr`` (default 1e-3).
 
 MOOD scores with SSD's Mahalanobis distance to one Gaussian of all L2-normalised training
 features (``eval_with_features.py``, ``--metric mahalanobis``); the default here is the
@@ -38,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from unleash_ood.checkpoint import (
     atomic_write_json,
@@ -64,7 +69,8 @@ from unleash_ood.train import EpochStats, Recipe, Trainer, check_fresh, resume_p
 
 FINETUNE_DIR = "finetune"
 FINETUNE_EPOCHS = 30
-FINETUNE_LR = 0.01
+FINETUNE_LR = 1e-3
+ADAM_BETA2 = 0.999
 DEFAULT_SCORES = "mahalanobis"
 
 
@@ -74,8 +80,8 @@ def finetune_recipe(
     epochs: int | None = None,
     lr: float | None = None,
 ) -> Recipe:
-    """Stage 2's recipe: the ViT of ``model``'s encoder, SGD at ``lr`` for ``epochs``
-    (defaults 0.01 and 30), the stage-1 batch size, augmentation and seed."""
+    """Stage 2's recipe: the ViT of ``model``'s encoder, Adam (beta1 ``momentum``) at ``lr``
+    for ``epochs`` (defaults 1e-3 and 30), the stage-1 batch size, augmentation and seed."""
     if lr is not None and not 0 < lr < float("inf"):
         raise UserError(f"--finetune-lr must be a positive number, not {lr!r}")
     return Recipe(
@@ -85,11 +91,23 @@ def finetune_recipe(
         batch_size=pretrain.batch_size,
         lr=FINETUNE_LR if lr is None else lr,
         momentum=0.9,
-        weight_decay=1e-4,
+        weight_decay=0.0,
         schedule="cosine",
         augment=pretrain.augment,
         seed=pretrain.seed,
     )
+
+
+class FinetuneTrainer(Trainer):
+    """The classifier trainer with Adam: the recipe's ``momentum`` is beta1, beta2 is 0.999,
+    its ``weight_decay`` Adam's coupled L2 term. Checkpoints and resume are the trainer's
+    (its train-state files hold Adam's moments and step counts)."""
+
+    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        r = self.recipe
+        return torch.optim.Adam(
+            params, lr=r.lr, betas=(r.momentum, ADAM_BETA2), weight_decay=r.weight_decay
+        )
 
 
 def train_mood(
@@ -138,7 +156,7 @@ def _finetune(
     vit.encoder.load_state_dict(mim.encoder.state_dict())
     ft_out = out / FINETUNE_DIR
     pretraining = {"kind": mim.kind, "epoch": meta["epoch"], "options": mim.options()}
-    trainer = Trainer(
+    trainer = FinetuneTrainer(
         vit,
         recipe,
         benchmark.id_train,
@@ -147,7 +165,7 @@ def _finetune(
         device,
         model_spec(vit, "vit", mim.input_size, recipe.model_kwargs),
         progress=progress,
-        extra_meta={"benchmark": benchmark.name, "pretraining": pretraining},
+        extra_meta={"benchmark": benchmark.name, "pretraining": pretraining, "optimizer": "adam"},
     )
     ft_out.mkdir(parents=True, exist_ok=True)
     if resume and resume_point(ft_out) is not None:
