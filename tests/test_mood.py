@@ -178,6 +178,8 @@ def test_mim_trains_both_stages_resumes_exactly_and_evaluates(
     }
     assert stage2["recipe"]["epochs"] == 2 and stage2["recipe"]["lr"] == 1e-3
     assert stage2["optimizer"] == "adam"
+    state = load_file(str(straight / "finetune" / "checkpoints" / "train_state_002.safetensors"))
+    assert "optimizer/exp_avg_sq/head.weight" in state and not any("momentum/" in k for k in state)
 
     # Ctrl-C in each stage, each followed by --resume: the same weights as straight through.
     let_run = interrupt_detector_at_second_epoch(monkeypatch)

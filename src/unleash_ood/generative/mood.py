@@ -26,12 +26,13 @@ library's ``mahalanobis`` (class means, tied covariance, Lee et al. 2018) on the
 and any other scorer can be asked for.
 
 Not offered: BEiT's released weights in place of stage 1. They are ViT-B/16 and ViT-L/16 at
-224x224 (86M / 304M parameters, relative position biases, a CLS token) behind a ``.pth`` pickle:
-running them on 28x28 / 32x32 benchmarks means upsampling every image 7-8 times and a model two
-orders of magnitude past a CPU's budget, and loading them needs BEiT's own module layout
-(timm's ``beit_*``), not this ViT. A user who has a fine-tuned BEiT can evaluate it as their
-own model: ``unleash evaluate --model timm:beit_base_patch16_224 --weights FILE --resize 224``
-(timm installed, weights as a safetensors file or a plain state dict).
+224x224 (86M / 304M parameters) with relative position biases, layer scale and a CLS token,
+in a ``.pth`` pickle: they fit neither this ViT's layout nor its size, and running them on
+28x28 / 32x32 benchmarks means upsampling every image 7-8 times into a model two orders of
+magnitude past a CPU's budget. A BEiT already fine-tuned on the ID classes (what MOOD's
+released checkpoints are) is a classifier, not a stage 1: ``unleash evaluate --model
+timm:beit_base_patch16_224 --weights FILE --resize 224`` takes it where timm is installed
+(a one-line error where it is not), with any scorer.
 """
 
 from __future__ import annotations
