@@ -21,6 +21,7 @@ from unleash_ood.generative.mim import (
     normalised_patches,
     patchify,
 )
+from unleash_ood.generative.mood import is_mood
 from unleash_ood.models import create_model
 from unleash_ood.train import Trainer
 
@@ -112,6 +113,13 @@ def test_bad_model_options_fail_with_a_hint() -> None:
         create_detector("mim", 1, 28, min_block=30)
     with pytest.raises(UserError, match="does not split into 3 heads"):
         create_model("vit", 10, 1, dim=16, heads=3)
+
+
+def test_mood_runs_are_told_apart_by_their_sidecars() -> None:
+    assert is_mood({"architecture": "mim", "detector": True})
+    assert is_mood({"architecture": "vit", "pretraining": {"kind": "mim"}})
+    assert not is_mood({"architecture": "vit"})
+    assert not is_mood({"architecture": "vae", "pretraining": "mim"})  # malformed: not MOOD
 
 
 def train_argv(run, *extra: str) -> list[str]:
