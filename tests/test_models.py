@@ -17,6 +17,7 @@ from unleash_ood.models import (
     HeadSplit,
     ResNet18,
     SmallCNN,
+    ViT,
     WideResNet,
     create_model,
     model_names,
@@ -71,8 +72,9 @@ def test_parameter_counts(name: str, options: dict, low: float, high: float, dim
 
 
 def test_registry_lists_and_builds_classes():
-    assert model_names() == sorted(MODELS) == ["cnn", "densenet100", "resnet18", "wrn40_2"]
-    expected = {"cnn": SmallCNN, "resnet18": ResNet18, "wrn40_2": WideResNet}
+    names = ["cnn", "densenet100", "resnet18", "vit", "wrn40_2"]
+    assert model_names() == sorted(MODELS) == names
+    expected = {"cnn": SmallCNN, "resnet18": ResNet18, "wrn40_2": WideResNet, "vit": ViT}
     expected |= {"densenet100": DenseNetBC, "densenet_bc_100": DenseNetBC}
     cheap = {name: options for name, options, _ in BUILTINS}
     for name, cls in expected.items():

@@ -692,8 +692,14 @@ def cmd_detector_train(args: argparse.Namespace) -> None:
         model_kwargs=_model_kwargs(args.model_arg) or None,
         **{k: getattr(args, k) for k in (*RECIPE_FLAGS, "beta2", "grad_clip")},
     )
+    finetune = {"finetune_epochs": args.finetune_epochs, "finetune_lr": args.finetune_lr}
+    if args.kind != "mim" and any(v is not None for v in finetune.values()):
+        raise UserError("--finetune-epochs and --finetune-lr set stage 2 of --kind mim only")
     device = resolve_device(args.device)
     bench = load_benchmark(args.benchmark, args.data_dir)
+    if args.kind == "mim":
+        _train_mood(args, bench, recipe, device, finetune)
+        return
     history = train_detector(
         bench, recipe, Path(args.out), device, resume=args.resume, progress=not args.no_progress
     )
@@ -706,17 +712,65 @@ def cmd_detector_train(args: argparse.Namespace) -> None:
         )
 
 
+def _train_mood(args: argparse.Namespace, bench, recipe, device, finetune: dict) -> None:
+    """``detector train --kind mim``: both stages of MOOD into ``--out``."""
+    from unleash_ood.generative.mood import FINETUNE_DIR, train_mood
+
+    out = Path(args.out)
+    _, tuned = train_mood(bench, recipe, out, device, args.resume, not args.no_progress, **finetune)
+    if tuned:
+        last = tuned[-1]
+        print(
+            f"pretrained and fine-tuned a ViT (MOOD) to epoch {last.epoch}: val acc "
+            f"{100 * last.val_acc:.2f}; classifier in {out / FINETUNE_DIR / 'checkpoints'}/"
+        )
+
+
+def _evaluate_mood(args: argparse.Namespace) -> None:
+    """``detector evaluate`` of a MOOD run: its fine-tuned classifier and classifier scorers."""
+    from unleash_ood.checkpoint import read_sidecar
+    from unleash_ood.data import load_benchmark
+    from unleash_ood.device import resolve_device
+    from unleash_ood.generative.mood import DEFAULT_SCORES, evaluate_mood, finetuned_checkpoint
+    from unleash_ood.report import evaluation_markdown, write_evaluation
+    from unleash_ood.scores import parse_scorer_list
+
+    scorers = parse_scorer_list(args.scores or DEFAULT_SCORES)  # bad names: before any work
+    classifier = finetuned_checkpoint(args.from_)
+    meta = read_sidecar(classifier)
+    bench = load_benchmark(args.benchmark or meta.get("benchmark", "fmnist"), args.data_dir)
+    splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    device = resolve_device(args.device)
+    ev, meta = evaluate_mood(
+        classifier, bench, scorers, splits, device, args.batch_size, not args.no_progress
+    )
+    out = Path(args.out)
+    write_evaluation(
+        ev,
+        out,
+        config={**_config(args), "checkpoint_meta": meta, "sizes": bench.sizes()},
+        model=str(classifier),
+    )
+    print(evaluation_markdown(ev, summary_only=True))
+    print(f"Full tables and histograms in {out}/")
+
+
 def cmd_detector_evaluate(args: argparse.Namespace) -> None:
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
     from unleash_ood.generative import parse_detector_scores
     from unleash_ood.generative.evaluate import evaluate_detector
+    from unleash_ood.generative.mood import is_mood
     from unleash_ood.generative.trainer import checkpoint_of, load_detector
     from unleash_ood.report import evaluation_markdown, write_evaluation
 
-    kind = read_sidecar(checkpoint_of(args.from_))["architecture"]
-    scores = parse_detector_scores(args.scores, kind)  # fail on a bad name before any work
+    sidecar = read_sidecar(checkpoint_of(args.from_))
+    if is_mood(sidecar):
+        _evaluate_mood(args)
+        return
+    kind = sidecar["architecture"]
+    scores = parse_detector_scores(args.scores or "all", kind)  # bad names: before any work
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     device = resolve_device(args.device)
     model, meta = load_detector(args.from_, device)
@@ -759,6 +813,18 @@ def _add_detector_commands(sub) -> None:
     _add_recipe_args(p, None)
     p.add_argument("--beta2", type=float, default=None, help="Adam's beta2 (--momentum: beta1)")
     p.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clip, 0 = off")
+    p.add_argument(
+        "--finetune-epochs",
+        type=positive_int,
+        default=None,
+        help="--kind mim: epochs of stage 2, fine-tuning on the ID labels (default 30)",
+    )
+    p.add_argument(
+        "--finetune-lr",
+        type=float,
+        default=None,
+        help="--kind mim: Adam learning rate of stage 2 (default 0.001)",
+    )
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -772,8 +838,9 @@ def _add_detector_commands(sub) -> None:
     )
     p.add_argument(
         "--scores",
-        default="all",
-        help="comma-separated scores with optional parameters (error_reduction:lam=2), or all",
+        default=None,
+        help="comma-separated scores with optional parameters (error_reduction:lam=2), or all "
+        "(the default); for a mim run classifier scorers, default mahalanobis",
     )
     p.add_argument("--splits", default="test", help="OOD splits to report: test, val or val,test")
     p.add_argument("--out", required=True, help="run directory for tables and plots")

@@ -386,4 +386,4 @@ class WatermarkSpec:
 
 # Generative detectors ``unleash detector train --kind`` can train (one default recipe each in
 # ``generative.trainer.DEFAULT_RECIPES``).
-DETECTOR_KINDS = ("vae", "ama", "diffusion")
+DETECTOR_KINDS = ("vae", "ama", "diffusion", "mim")

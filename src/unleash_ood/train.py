@@ -324,18 +324,22 @@ class Trainer:
         self.own = objective_parameters(objective)
         for p in self.own.values():
             p.data = p.data.to(self.device)
-        self.opt = torch.optim.SGD(
-            [p for p in self.model.parameters() if p.requires_grad] + list(self.own.values()),
-            lr=recipe.lr,
-            momentum=recipe.momentum,
-            nesterov=recipe.nesterov,
-            weight_decay=recipe.weight_decay,
+        self.opt = self.make_optimizer(
+            [p for p in self.model.parameters() if p.requires_grad] + list(self.own.values())
         )
         self.out, self.ckpt_dir = out, out / "checkpoints"
         self.spec, self.objective, self.progress = spec, objective, progress
         self.extra_meta = extra_meta or {}
         self.on_save = on_save  # e.g. a Tracker: evaluates each saved epoch
         self.start_epoch = 0
+
+    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+        """SGD with the recipe's momentum, Nesterov and weight decay (a subclass may differ:
+        MOOD's fine-tuning takes Adam)."""
+        r = self.recipe
+        return torch.optim.SGD(
+            params, lr=r.lr, momentum=r.momentum, nesterov=r.nesterov, weight_decay=r.weight_decay
+        )
 
     def resume(self) -> None:
         """Continue from ``checkpoints/last`` (model, momentum, epoch)."""

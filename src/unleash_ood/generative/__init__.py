@@ -7,6 +7,8 @@ scores computed from it (higher = more ID-like, as everywhere).
 - ``ama`` (:mod:`.ama`): AMA's encoder, generator and mirrored-pair critic; score ``ama``.
 - ``diffusion`` (:mod:`.diffusion`): a small unconditional diffusion model and its DDIM
   inversion; score ``diffpath`` (:mod:`.diffpath`).
+- ``mim`` (:mod:`.mim`): MOOD's masked-image-modelling pretraining of a small ViT, then its
+  fine-tuning as a classifier (:mod:`.mood`), scored by the classifier scorers (Mahalanobis).
 
 Train with :func:`unleash_ood.generative.trainer.train_detector`, score with
 :func:`unleash_ood.generative.evaluate.evaluate_detector`.
@@ -22,10 +24,13 @@ from unleash_ood.generative.base import DetectorScore, GenerativeModel
 from unleash_ood.generative.diffpath import DiffPath
 from unleash_ood.generative.diffusion import Diffusion
 from unleash_ood.generative.error_reduction import ErrorReduction
+from unleash_ood.generative.mim import MaskedImageModel
 from unleash_ood.generative.score_test import ScoreTest
 from unleash_ood.generative.vae import ELBO, VAE
 
-MODELS: dict[str, type[GenerativeModel]] = {cls.kind: cls for cls in (VAE, AMA, Diffusion)}
+MODELS: dict[str, type[GenerativeModel]] = {
+    cls.kind: cls for cls in (VAE, AMA, Diffusion, MaskedImageModel)
+}
 SCORES: dict[str, type[DetectorScore]] = {
     cls.name: cls for cls in (ErrorReduction, ScoreTest, ELBO, AMAScore, DiffPath)
 }

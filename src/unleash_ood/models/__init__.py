@@ -25,6 +25,7 @@ from unleash_ood.models.external import (
     torchvision_classifier,
 )
 from unleash_ood.models.resnet import ResNet18
+from unleash_ood.models.vit import ViT
 from unleash_ood.models.wrn import WideResNet
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "Preprocess",
     "ResNet18",
     "SmallCNN",
+    "ViT",
     "WideResNet",
     "create_model",
     "load_model",
@@ -77,6 +79,11 @@ MODELS: dict[str, ModelSpec] = {
         DenseNetBC,
         "DenseNet-BC-100, growth 12 (the CIFAR model of ODIN, Energy, Unleashing Mask), 0.77M",
         {"depth": 100},
+    ),
+    "vit": ModelSpec(
+        ViT,
+        "small ViT for 28x28/32x32 images (4x4 patches, 6 blocks of width 128), 1.2M "
+        "parameters; MOOD's fine-tuned model (unleash detector train --kind mim)",
     ),
 }
 ALIASES = {"densenet_bc_100": "densenet100"}
