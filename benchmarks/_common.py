@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import resource
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,16 +46,44 @@ def per_run_summaries(per_run: dict[str, dict[str, dict]], scorers: list[str]) -
     }
 
 
-def best_of(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Minimum wall time of each function over ``repeats`` rounds, the functions interleaved
-    so that a slow spell of a shared machine hits all of them alike."""
-    best = dict.fromkeys(fns, float("inf"))
+@dataclass(frozen=True)
+class Usage:
+    """What one call cost: wall seconds, CPU seconds in user and kernel mode (all threads of
+    this process), and minor page faults (fresh pages the kernel had to map and zero)."""
+
+    wall: float
+    user: float
+    sys: float
+    faults: int
+
+
+def _usage_of(fn: Callable[[], object]) -> Usage:
+    before, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    fn()
+    wall, after = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
+    return Usage(
+        wall,
+        after.ru_utime - before.ru_utime,
+        after.ru_stime - before.ru_stime,
+        after.ru_minflt - before.ru_minflt,
+    )
+
+
+def best_usage(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, Usage]:
+    """Each function's cheapest round (by wall time) over ``repeats`` rounds, the functions
+    interleaved so that a slow spell of a shared machine hits all of them alike."""
+    best: dict[str, Usage] = {}
     for _ in range(repeats):
         for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
+            u = _usage_of(fn)
+            if name not in best or u.wall < best[name].wall:
+                best[name] = u
     return best
+
+
+def best_of(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Minimum wall time of each function over ``repeats`` interleaved rounds."""
+    return {name: u.wall for name, u in best_usage(fns, repeats).items()}
 
 
 def stepper(model, objective, batches) -> Callable[[], None]:
