@@ -221,9 +221,10 @@ def test_a_method_is_a_loss_times_what_trains() -> None:
         "umap": ("um", "mask"),
         "ce": ("ce", "weights"),
         "mask-ce": ("ce", "mask"),
+        "alpa": ("alpa", "weights"),
     }
     assert all(method_named(*p) == m for m, p in parts.items())
-    with pytest.raises(UserError, match="--loss takes um or ce"):
+    with pytest.raises(UserError, match="--loss takes um or ce or alpa"):
         method_named("mse", "weights")
 
 
