@@ -106,6 +106,24 @@ def tiny_checkpoint(tiny_benchmark, tmp_path_factory: pytest.TempPathFactory) ->
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
 
 
+def detector_argv(kind: str, run: Path, model_args, epochs: int, *extra: str) -> list[str]:
+    """``unleash detector train --kind KIND`` with ``--model-arg`` for each of ``model_args``:
+    ``epochs`` epochs of batch 32 on the CPU into ``run``."""
+    options = [a for kv in model_args for a in ("--model-arg", kv)]
+    return [
+        *("detector", "train", "--kind", kind, *options, "--epochs", str(epochs)),
+        *("--batch-size", "32", "--out", str(run), "--device", "cpu", "--no-progress", *extra),
+    ]
+
+
+def watermark_argv(fmnist_dir: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
+    """``unleash watermark`` of ``ckpt`` on the small Fashion-MNIST, on the CPU."""
+    return [
+        *("watermark", "--from", str(ckpt), "--data-dir", str(fmnist_dir), "--out", str(out)),
+        *("--device", "cpu", "--no-progress", *extra),
+    ]
+
+
 def finetune_argv(fmnist_dir: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
     """``unleash finetune`` on the small Fashion-MNIST: one epoch of batch 128 on the CPU."""
     return [

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import interrupt_detector_at_second_epoch
+from conftest import detector_argv, interrupt_detector_at_second_epoch
 from unleash_ood.checkpoint import model_spec, save_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.errors import UserError
@@ -199,26 +199,7 @@ def test_score_checks_refuse_what_the_model_cannot_give() -> None:
 
 
 def train_argv(run, epochs: int, *extra: str) -> list[str]:
-    return [
-        "detector",
-        "train",
-        "--kind",
-        "vae",
-        "--model-arg",
-        "width=2",
-        "--model-arg",
-        "latent=4",
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "32",
-        "--out",
-        str(run),
-        "--device",
-        "cpu",
-        "--no-progress",
-        *extra,
-    ]
+    return detector_argv("vae", run, ["width=2", "latent=4"], epochs, *extra)
 
 
 def test_detector_train_resumes_exactly_and_evaluates(

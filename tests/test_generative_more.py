@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import interrupt_detector_at_second_epoch
+from conftest import detector_argv, interrupt_detector_at_second_epoch
 from unleash_ood.cli import main
 from unleash_ood.data.base import ImageSet
 from unleash_ood.errors import UserError
@@ -185,23 +185,7 @@ def test_epoch_selection_reads_only_validation_sets(small_fmnist, tmp_path) -> N
 
 def ama_argv(run, epochs: int, *extra: str) -> list[str]:
     args = [f"{k}={v}" for k, v in {**TINY_AMA, "critic_steps": 2}.items()]
-    return [
-        "detector",
-        "train",
-        "--kind",
-        "ama",
-        *(a for arg in args for a in ("--model-arg", arg)),
-        "--epochs",
-        str(epochs),
-        "--batch-size",
-        "32",
-        "--out",
-        str(run),
-        "--device",
-        "cpu",
-        "--no-progress",
-        *extra,
-    ]
+    return detector_argv("ama", run, args, epochs, *extra)
 
 
 def test_ama_train_resumes_exactly_and_evaluates(

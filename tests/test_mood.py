@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from conftest import interrupt_detector_at_second_epoch
+from conftest import detector_argv, interrupt_detector_at_second_epoch
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.errors import UserError
@@ -123,26 +123,7 @@ def test_mood_runs_are_told_apart_by_their_sidecars() -> None:
 
 
 def train_argv(run, *extra: str) -> list[str]:
-    args = [a for kv in TINY for a in ("--model-arg", kv)]
-    return [
-        "detector",
-        "train",
-        "--kind",
-        "mim",
-        *args,
-        "--epochs",
-        "2",
-        "--finetune-epochs",
-        "2",
-        "--batch-size",
-        "32",
-        "--out",
-        str(run),
-        "--device",
-        "cpu",
-        "--no-progress",
-        *extra,
-    ]
+    return detector_argv("mim", run, TINY, 2, "--finetune-epochs", "2", *extra)
 
 
 def interrupt_finetune_at_second_epoch(monkeypatch):

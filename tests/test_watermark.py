@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import finetune_argv
+from conftest import finetune_argv, watermark_argv
 from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.errors import UserError
@@ -88,21 +88,7 @@ def test_spec_fills_the_scores_defaults_and_checks_values() -> None:
 
 
 def _argv(fmnist_dir, ckpt, out, *extra) -> list[str]:
-    return [
-        "watermark",
-        "--from",
-        str(ckpt),
-        "--data-dir",
-        str(fmnist_dir),
-        "--epochs",
-        "2",
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--no-progress",
-        *extra,
-    ]
+    return watermark_argv(fmnist_dir, ckpt, out, "--epochs", "2", *extra)
 
 
 @pytest.mark.parametrize("score", ["msp", "energy"])

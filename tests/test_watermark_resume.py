@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import watermark_argv
 from unleash_ood.cli import main
 from unleash_ood.method import watermark
 
@@ -17,23 +18,9 @@ EPOCHS = 3
 
 
 def argv(fmnist_dir: Path, ckpt: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "watermark",
-        "--from",
-        str(ckpt),
-        "--data-dir",
-        str(fmnist_dir),
-        "--epochs",
-        str(EPOCHS),
-        "--batch-size",
-        "256",
-        "--out",
-        str(out),
-        "--device",
-        "cpu",
-        "--no-progress",
-        *extra,
-    ]
+    return watermark_argv(
+        fmnist_dir, ckpt, out, "--epochs", str(EPOCHS), "--batch-size", "256", *extra
+    )
 
 
 def interrupt_at_epoch(monkeypatch, stop: int):
