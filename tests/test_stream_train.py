@@ -348,10 +348,15 @@ def test_training_on_a_broken_image_is_one_line(capsys, tmp_path, workers: str) 
 
 
 def test_atypical_ranks_streamed_training_images(capsys, jpeg_bench, tiny_checkpoint, tmp_path):
-    out = tmp_path / "aty"
-    argv = ["atypical", "--from", str(tiny_checkpoint), "--benchmark", str(jpeg_bench)]
-    argv += ["--n-masks", "2", "--out", str(out), "--device", "cpu", "--no-progress"]
-    code, err = run_cli(capsys, argv)
-    assert code == 0, err
-    assert (out / "atypical.png").stat().st_size > 0
-    assert len((out / "atypical.csv").read_text().splitlines()) == 201
+    """The same ranking whether the main process or a worker decodes the images."""
+    ranked = []
+    for workers in ("0", "1"):
+        out = tmp_path / f"aty{workers}"
+        argv = ["atypical", "--from", str(tiny_checkpoint), "--benchmark", str(jpeg_bench)]
+        argv += ["--n-masks", "2", "--out", str(out), "--device", "cpu", "--no-progress"]
+        code, err = run_cli(capsys, [*argv, "--workers", workers])
+        assert code == 0, err
+        assert (out / "atypical.png").stat().st_size > 0
+        ranked.append((out / "atypical.csv").read_text())
+    assert len(ranked[0].splitlines()) == 201
+    assert ranked[0] == ranked[1]

@@ -511,6 +511,7 @@ def cmd_atypical(args: argparse.Namespace) -> None:
         args.seed,
         device,
         progress=not args.no_progress,
+        workers=args.workers,
     )
     rows = ranking_rows(a, train.labels.numpy())
     out.mkdir(parents=True, exist_ok=True)
@@ -1045,6 +1046,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_workers_arg(p)
     _add_data_args(p)
     p.set_defaults(func=cmd_atypical)
 

@@ -43,12 +43,13 @@ def atypicality(
     device: torch.device | str = "cpu",
     batch_size: int = 512,
     progress: bool = False,
+    workers: int = 0,
 ) -> Atypicality:
     device = torch.device(device)
 
     def losses(net: torch.nn.Module, label: str) -> torch.Tensor:
         return per_sample_losses(
-            net, data, "none", seed, device, batch_size, label if progress else None
+            net, data, "none", seed, device, batch_size, label if progress else None, workers
         )
 
     loss = losses(model, "atypical: unmasked model")
@@ -61,7 +62,7 @@ def atypicality(
             for i in range(n_masks)
         ]
     ).mean(0)
-    pred = forward_outputs(model, data, device, batch_size).logits.argmax(1)
+    pred = forward_outputs(model, data, device, batch_size, workers=workers).logits.argmax(1)
     return Atypicality(loss.numpy(), masked.numpy(), pred.numpy())
 
 
