@@ -1,20 +1,26 @@
 """Generative OOD detectors on fmnist over three seeds, beside the shipped classifier's scores.
 
-    python benchmarks/generative.py [--runs-dir runs/generative] [--seeds 0,1,2]
-        [--epochs 200] [--width 32] [--device auto] [--out benchmarks/results/generative]
-    python benchmarks/generative.py --measure-steps 5     # time a few training steps, then stop
+    python benchmarks/generative.py [--kinds vae,ama,diffusion,mim] [--seeds 0,1,2]
+        [--epochs N] [--width 32] [--device auto] [--runs-dir runs/generative]
+        [--out benchmarks/results/generative]
+    python benchmarks/generative.py --measure-steps 5     # time a few VAE steps, then stop
 
-Each seed is one ``unleash detector train --kind vae`` run (the authors' recipe: Adam lr 3e-4,
-batch 64, gradient clip 100; ``--epochs``/``--width`` shrink it) and one ``unleash detector
-evaluate --scores all --splits val,test`` of its last checkpoint, each a child process, so the
-study runs exactly what a user runs. A finished run is skipped; an interrupted one continues
-with ``--resume`` (bit-exact on a CPU). The shipped CNN is evaluated once with every classifier
-score for the comparison rows. After every step the tables are rebuilt from whatever has
-finished into ``<out>.md`` and ``<out>.json``: AUROC and both FPR95 conventions per OOD test
-set and their mean (mean ± std over seeds), training time (sum of the logged epochs) and
-scoring time (wall time of the evaluate command). ``elbo`` is the plain likelihood: an AUROC
-below 50 on a set means the VAE rates those OOD images as more likely than ID images, the
-failure Error Reduction and the score test were made for.
+Each detector kind and seed is one ``unleash detector train --kind KIND`` run with the kind's
+default recipe (the authors': VAE 200 epochs, AMA 100, the diffusion model 100, MOOD's
+masked-image stage 100 then its fine-tuning; ``--epochs`` shortens every kind and MOOD's
+fine-tuning, ``--width`` sets the VAE's) and one ``unleash detector evaluate --splits val,test``
+of it (AMA from ``checkpoints/best``, the epoch it selects on the OOD validation sets; MOOD
+with the classifier scores in ``KIND_SCORES``), each a child process, so the study runs
+exactly what a user runs. A finished run is skipped; an interrupted one continues with
+``--resume`` (bit-exact on a CPU). The diffusion model trains on Fashion-MNIST itself: no
+28x28 grey base set unrelated to it ships offline (see ``generative/diffpath.py``). The
+shipped CNN is evaluated once with every classifier score for the comparison rows. After every
+step the tables are rebuilt from whatever has finished into ``<out>.md`` and ``<out>.json``:
+AUROC and both FPR95 conventions per OOD test set and their mean (mean ± std over seeds),
+training time (sum of the logged epochs) and scoring time (wall time of the evaluate command).
+``elbo`` is the VAE's plain likelihood: an AUROC below 50 on a set means it rates those OOD
+images as more likely than ID images, the failure Error Reduction and the score test were made
+for.
 """
 
 from __future__ import annotations
@@ -43,6 +49,10 @@ from unleash_ood.report import markdown_table
 SRC = Path(__file__).resolve().parent.parent / "src"
 METRICS = ("auroc", "fpr95_id", "fpr95_ood")
 CLASSIFIER_SCORES = ("energy", "knn", "vim", "msp")
+KINDS = ("vae", "ama", "diffusion", "mim")
+# What each kind's evaluation scores: its own scores, or for MOOD's fine-tuned ViT the
+# classifier scores (Mahalanobis is the paper's).
+KIND_SCORES = {"vae": "all", "ama": "all", "diffusion": "all", "mim": "mahalanobis,knn,energy,msp"}
 
 
 def unleash(*args: str) -> float:
@@ -53,20 +63,32 @@ def unleash(*args: str) -> float:
     return time.perf_counter() - t0
 
 
-def train_args(run: Path, seed: int, a: argparse.Namespace) -> list[str]:
-    args = ["detector", "train", "--kind", "vae", "--benchmark", "fmnist", "--out", str(run)]
-    args += ["--seed", str(seed), "--epochs", str(a.epochs), "--model-arg", f"width={a.width}"]
-    return [*args, "--device", a.device, "--no-progress"]
-
-
-def last_epoch(run: Path) -> int:
-    sidecar = run / "checkpoints" / "last.json"
-    return json.loads(sidecar.read_text())["epoch"] if sidecar.exists() else 0
+def train_args(run: Path, kind: str, seed: int, a: argparse.Namespace) -> list[str]:
+    args = ["detector", "train", "--kind", kind, "--benchmark", "fmnist", "--out", str(run)]
+    args += ["--seed", str(seed), "--device", a.device, "--no-progress"]
+    if a.epochs is not None:
+        args += ["--epochs", str(a.epochs)]
+        args += ["--finetune-epochs", str(a.epochs)] if kind == "mim" else []
+    if kind == "vae" and a.width is not None:
+        args += ["--model-arg", f"width={a.width}"]
+    return args
 
 
 def train_seconds(run: Path) -> float:
-    """Sum of the logged epoch times (an interrupted epoch's lost work is not counted)."""
-    return sum(float(m) for m in re.findall(r"(\d+\.\d)s$", (run / "log.txt").read_text(), re.M))
+    """Sum of the logged epoch times, MOOD's fine-tuning included (an interrupted epoch's
+    lost work is not counted)."""
+    logs = [run / "log.txt", run / "finetune" / "log.txt"]
+    pattern = re.compile(r"(\d+\.\d)s$", re.M)
+    return sum(float(m) for log in logs if log.exists() for m in pattern.findall(log.read_text()))
+
+
+def train(run: Path, kind: str, seed: int, a: argparse.Namespace) -> None:
+    """Train ``run`` unless it has finished (``trained.json``); continue it if started."""
+    if (run / "trained.json").exists():
+        return
+    resume = ["--resume"] if (run / "config.json").exists() else []
+    unleash(*train_args(run, kind, seed, a), *resume)
+    atomic_write_json(run / "trained.json", {"epochs": a.epochs})
 
 
 def timed_evaluation(out: Path, *args: str) -> None:
@@ -88,15 +110,17 @@ def tables(runs: list[Path], classifier: Path, out: Path) -> None:
     per_seed = {r.name: rows_of(r / "eval") for r in done}
     reference = rows_of(classifier) if (classifier / "metrics.json").exists() else {}
     sets = list(dict.fromkeys(d for rows in (*per_seed.values(), reference) for _, d in rows))
-    lines = [f"# Generative detectors on fmnist ({len(done)} of {len(runs)} seeds finished)", ""]
-    summary: dict = {"seeds": {}, "classifier": {}}
+    lines = [f"# Generative detectors on fmnist ({len(done)} of {len(runs)} runs finished)", ""]
+    summary: dict = {"runs": {}, "classifier": {}}
     for name in sets:
         table = []
-        scorers = list(dict.fromkeys(s for rows in per_seed.values() for s, d in rows if d == name))
-        for s in scorers:
-            vals = {m: [100 * rows[(s, name)][m] for rows in per_seed.values()] for m in METRICS}
-            cells = [f"{np.mean(v):.2f} ± {np.std(v):.2f}" for v in vals.values()]
-            table.append([f"vae {s}", *cells])
+        for kind in KINDS:
+            seeds = [rows for run, rows in per_seed.items() if run.startswith(f"{kind}-")]
+            scorers = list(dict.fromkeys(s for rows in seeds for s, d in rows if d == name))
+            for s in scorers:
+                vals = {m: [100 * rows[(s, name)][m] for rows in seeds] for m in METRICS}
+                cells = [f"{np.mean(v):.2f} ± {np.std(v):.2f}" for v in vals.values()]
+                table.append([f"{kind} {s} ({len(seeds)} seeds)", *cells])
         for s in CLASSIFIER_SCORES:
             if (s, name) in reference:
                 table.append(
@@ -112,7 +136,7 @@ def tables(runs: list[Path], classifier: Path, out: Path) -> None:
     for r in done:
         score_s = json.loads((r / "eval" / "timing.json").read_text())["seconds"]
         timing.append([r.name, f"{train_seconds(r) / 60:.1f}", f"{score_s / 60:.1f}"])
-        summary["seeds"][r.name] = {
+        summary["runs"][r.name] = {
             "train_seconds": train_seconds(r),
             "score_seconds": score_s,
             "rows": {
@@ -124,7 +148,7 @@ def tables(runs: list[Path], classifier: Path, out: Path) -> None:
     lines += [
         "## Time",
         "",
-        markdown_table(["seed", "train (min)", "score val+test (min)"], timing),
+        markdown_table(["run", "train (min)", "score val+test (min)"], timing),
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -134,11 +158,13 @@ def tables(runs: list[Path], classifier: Path, out: Path) -> None:
 
 def measure(a: argparse.Namespace) -> None:
     """Seconds per training step of the recipe on this machine, and what an epoch costs."""
-    recipe = detector_recipe("vae", model_kwargs={"width": a.width})
+    options = {"width": a.width} if a.width is not None else {}
+    recipe = detector_recipe("vae", model_kwargs=options)
+    epochs = a.epochs or recipe.epochs
     bench = load_benchmark("fmnist")
     device = resolve_device(a.device)
     torch.manual_seed(0)
-    model = create_detector("vae", 1, 28, width=a.width).to(device)
+    model = create_detector("vae", 1, 28, **options).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     x, _ = bench.id_train.__getitems__(range(recipe.batch_size))
     x = x.to(device)
@@ -155,28 +181,36 @@ def measure(a: argparse.Namespace) -> None:
     step = float(np.median(times[1:]))
     steps = len(bench.id_train) // recipe.batch_size
     print(
-        f"vae width {a.width} on {device}: {step:.3f} s per step of {recipe.batch_size} "
+        f"vae {options or 'default width'} on {device}: {step:.3f} s per step of "
+        f"{recipe.batch_size} "
         f"(median of {a.measure_steps}); {steps} steps = {step * steps / 60:.1f} min per epoch; "
-        f"{a.epochs} epochs x {len(a.seeds.split(','))} seeds = "
-        f"{step * steps * a.epochs * len(a.seeds.split(',')) / 3600:.1f} h of training"
+        f"{epochs} epochs x {len(a.seeds.split(','))} seeds = "
+        f"{step * steps * epochs * len(a.seeds.split(',')) / 3600:.1f} h of training"
     )
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs-dir", default="runs/generative")
+    p.add_argument("--kinds", default=",".join(KINDS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=200, help="the authors' 200 by default")
-    p.add_argument("--width", type=int, default=32, help="VAE width (the authors' 32)")
+    p.add_argument("--epochs", type=int, default=None, help="every kind's (default: its own)")
+    p.add_argument("--width", type=int, default=None, help="VAE width (default the authors' 32)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="benchmarks/results/generative")
-    p.add_argument("--measure-steps", type=int, default=0, help="only time this many steps")
+    p.add_argument("--measure-steps", type=int, default=0, help="only time this many VAE steps")
     a = p.parse_args()
+    kinds = a.kinds.split(",")
+    unknown = sorted(set(kinds) - set(KINDS))
+    if unknown:
+        p.error(f"unknown kinds {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     if a.measure_steps:
         measure(a)
         return
     root = Path(a.runs_dir)
-    runs = [root / f"vae-seed{s}" for s in a.seeds.split(",")]
+    runs = [
+        (kind, seed, root / f"{kind}-seed{seed}") for kind in kinds for seed in a.seeds.split(",")
+    ]
     classifier = root / "classifier"
     timed_evaluation(
         classifier,
@@ -188,23 +222,23 @@ def main() -> None:
         "--device",
         a.device,
     )
-    tables(runs, classifier, Path(a.out))
-    for seed, run in zip(a.seeds.split(","), runs, strict=True):
-        if last_epoch(run) < a.epochs:
-            resume = ["--resume"] if last_epoch(run) > 0 else []
-            unleash(*train_args(run, int(seed), a), *resume)
+    folders = [run for _, _, run in runs]
+    tables(folders, classifier, Path(a.out))
+    for kind, seed, run in runs:
+        train(run, kind, int(seed), a)
+        source = run / "checkpoints" / "best" if kind == "ama" else run
         timed_evaluation(
             run / "eval",
             "detector",
             "evaluate",
             "--from",
-            str(run),
+            str(source),
             "--scores",
-            "all",
+            KIND_SCORES[kind],
             "--device",
             a.device,
         )
-        tables(runs, classifier, Path(a.out))
+        tables(folders, classifier, Path(a.out))
     print(Path(a.out).with_suffix(".md").read_text())
 
 
