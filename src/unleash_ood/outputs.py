@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unleash_ood.data.base import ImageData
-from unleash_ood.device import release_freed_memory, to_device
+from unleash_ood.device import HeapCap, release_freed_memory, to_device
 from unleash_ood.errors import UserError
 from unleash_ood.models.base import Classifier
 from unleash_ood.models.maps import MAP_SUMMARIES
@@ -82,10 +82,6 @@ def progress_batches(
     return tqdm(batches, total=-(-len(data) // batch_size), desc=desc, leave=False)
 
 
-# Batches between two returns of freed heap pages to the system (see release_freed_memory).
-TRIM_EVERY = 16
-
-
 @torch.inference_mode()
 def forward_outputs(
     model: Classifier,
@@ -115,7 +111,8 @@ def forward_outputs(
     kept: dict[str, torch.Tensor] = {}
     start = 0
     batches = progress_batches(data, batch_size, data.name, progress, workers, device)
-    for step, (x, _) in enumerate(batches, 1):
+    heap = HeapCap()
+    for x, _ in batches:
         with torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
             if summaries:
                 feats, stages = model.features_with_stages(to_device(x, device))
@@ -132,8 +129,7 @@ def forward_outputs(
         for name, t in parts.items():
             kept[name][start : start + len(x)].copy_(t)
         start += len(x)
-        if step % TRIM_EVERY == 0:
-            release_freed_memory()
+        heap.step()
     result = Outputs(features, logits, data.labels.clone(), kept)
     result.check_finite(data.name)
     release_freed_memory()
