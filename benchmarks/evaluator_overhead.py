@@ -23,11 +23,14 @@ second run of an evaluator that keeps its outputs (fitting, scoring, metrics onl
 
 Each side's user and kernel CPU time and minor page faults are printed beside its wall time,
 and the ratios again in user CPU time. The two forward loops run the same operations on the
-same tensors; what separated their wall times was kernel time: ``forward_outputs`` used to hand
-the C heap's free pages back to the system every 16 batches, and each batch after that faulted
-them in again (2.2 million page faults per pass over the 81,293 images against 38,000 for the
-plain loop in the same run). Within a pass it now does so only once the resident set has
-grown past its level after a batch by 128 MiB (``unleash_ood.device.HeapCap``).
+same tensors; what separates their wall times is kernel time on page faults, whose number
+depends on the C heap's state, not on the loop: when the heap holds no free block as large as
+the model's first activation (51 MB for the CNN at batch 512), glibc maps one afresh for every
+batch and the kernel zeroes its pages, in either loop. ``forward_outputs`` used to hand the
+heap's free pages back every 16 batches, which made every following batch fault them in again
+(2.2 million page faults per pass over the 81,293 images against 38,000 for the plain loop in
+the same run); within a pass it now does so only once the resident set has grown 128 MiB past
+its level after a batch (``unleash_ood.device.HeapCap``).
 """
 
 from __future__ import annotations
@@ -135,15 +138,16 @@ def main() -> None:
         ("odin", "plain_gradient"),
     ):
         print(f"  {num} / {den}: {u[num].user / u[den].user:.3f}")
-    knn_floor(len(bench.id_train), sum(map(len, eval_sets)), t["forward"], args.repeats)
+    dims = model.head.in_features
+    knn_floor(len(bench.id_train), sum(map(len, eval_sets)), dims, t["forward"], args.repeats)
 
 
-def knn_floor(bank_rows: int, queries: int, forward_s: float, repeats: int) -> None:
+def knn_floor(bank_rows: int, queries: int, dims: int, forward_s: float, repeats: int) -> None:
     """k-NN's exact search against the bare matrix product it cannot avoid, on random unit
-    features of the shipped CNN's shape (the product's cost does not depend on the values)."""
+    features of the model's width (the product's cost does not depend on the values)."""
     g = torch.Generator().manual_seed(0)
-    bank = F.normalize(torch.randn(bank_rows, 128, generator=g), dim=1)
-    q = F.normalize(torch.randn(queries, 128, generator=g), dim=1)
+    bank = F.normalize(torch.randn(bank_rows, dims, generator=g), dim=1)
+    q = F.normalize(torch.randn(queries, dims, generator=g), dim=1)
 
     def product() -> None:
         for chunk in q.split(128):
@@ -151,7 +155,7 @@ def knn_floor(bank_rows: int, queries: int, forward_s: float, repeats: int) -> N
 
     t = best_of({"knn": lambda: kth_similarity(q, bank, 50), "product": product}, repeats)
     print(
-        f"k-NN (k=50), {queries:,} queries x {bank_rows:,} bank rows x 128 dims: "
+        f"k-NN (k=50), {queries:,} queries x {bank_rows:,} bank rows x {dims} dims: "
         f"{t['knn']:.2f} s; the bare product {t['product']:.2f} s; "
         f"product / plain forward {t['product'] / forward_s:.3f}"
     )
