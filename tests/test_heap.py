@@ -13,7 +13,6 @@ def drive(monkeypatch, resident: list[int], slack: int) -> list[int]:
     read: list[int] = []
     trims: list[int] = []
     monkeypatch.setattr(device, "_MALLOC_TRIM", lambda pad: trims.append(len(read) - 1) or 1)
-    monkeypatch.setattr(device, "resident_bytes", lambda: 1000)
     cap = device.HeapCap(slack)
     monkeypatch.setattr(device, "resident_bytes", lambda: read.append(0) or resident[len(read) - 1])
     for _ in resident:

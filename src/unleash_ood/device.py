@@ -151,13 +151,10 @@ class HeapCap:
 
     def __init__(self, slack: int = HEAP_SLACK):
         self.slack = slack
-        self.enabled = _MALLOC_TRIM is not None and resident_bytes() is not None
         self.level: int | None = None
 
     def step(self) -> None:
-        if not self.enabled:
-            return
-        now = resident_bytes()
+        now = resident_bytes() if _MALLOC_TRIM is not None else None
         if now is None:
             return
         if self.level is None:
