@@ -23,14 +23,13 @@ second run of an evaluator that keeps its outputs (fitting, scoring, metrics onl
 
 Each side's user and kernel CPU time and minor page faults are printed beside its wall time,
 and the ratios again in user CPU time. The two forward loops run the same operations on the
-same tensors; what separates their wall times is kernel time on page faults, whose number
-depends on the C heap's state, not on the loop: when the heap holds no free block as large as
-the model's first activation (51 MB for the CNN at batch 512), glibc maps one afresh for every
-batch and the kernel zeroes its pages, in either loop. ``forward_outputs`` used to hand the
-heap's free pages back every 16 batches, which made every following batch fault them in again
-(2.2 million page faults per pass over the 81,293 images against 38,000 for the plain loop in
-the same run); within a pass it now does so only once the resident set has grown 128 MiB past
-its level after a batch (``unleash_ood.device.HeapCap``).
+same tensors; with glibc's default allocator settings what separated their wall times was
+kernel time on page faults, whose number depends on the C heap's state, not on the loop: when
+the heap holds no free block as large as the model's first activation (51 MB for the CNN at
+batch 512), glibc maps one afresh for every batch and the kernel zeroes its pages, in either
+loop. The script therefore sets the allocator as the command line does
+(``unleash_ood.heap.reuse_batch_buffers``: freed batch buffers are reused); ``--allocator
+defaults`` measures with glibc's own settings instead.
 """
 
 from __future__ import annotations
@@ -44,6 +43,7 @@ from _common import benchmark_model, best_of, best_usage
 from unleash_ood.data import load_benchmark
 from unleash_ood.device import prepare_model, to_device
 from unleash_ood.evaluate import Evaluator, evaluate, forward_outputs, model_scores
+from unleash_ood.heap import reuse_batch_buffers
 from unleash_ood.scores import SCORERS, make_scorer
 from unleash_ood.scores.distance import kth_similarity
 
@@ -54,7 +54,15 @@ def main() -> None:
     p.add_argument("--benchmark", default="fmnist")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument(
+        "--allocator",
+        choices=("batch-buffers", "defaults"),
+        default="batch-buffers",
+        help="glibc's thresholds as the command line sets them, or glibc's defaults",
+    )
     args = p.parse_args()
+    if args.allocator == "batch-buffers" and not reuse_batch_buffers():
+        print("the allocator could not be set (no glibc mallopt, or set by the environment)")
 
     cpu = torch.device("cpu")
     bench = load_benchmark(args.benchmark)
@@ -115,7 +123,8 @@ def main() -> None:
     )
     t = {k: v.wall for k, v in u.items()}
     n_images = sum(map(len, datasets))
-    print(f"images: {n_images:,}; non-gradient scorers: {', '.join(names)}")
+    print(f"allocator: {args.allocator}; images: {n_images:,}")
+    print(f"non-gradient scorers: {', '.join(names)}")
     print(f"best of {args.repeats} interleaved repeats (wall s, user CPU s, kernel CPU s, faults):")
     for k, v in u.items():
         print(f"  {k:16s} {v.wall:7.2f} {v.user:7.2f} {v.sys:6.2f} {v.faults:10,}")

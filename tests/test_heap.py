@@ -1,20 +1,21 @@
-"""HeapCap: the C heap's free pages go back to the system only when a pass's resident set
-has grown past its level after a batch by more than the slack."""
+"""glibc's thresholds set for batch buffers unless the environment sets them; HeapCap: the C
+heap's free pages go back to the system only when a pass's resident set has grown past its
+level after a batch by more than the slack."""
 
 import sys
 
 import pytest
 
-from unleash_ood import device
+from unleash_ood import heap
 
 
 def drive(monkeypatch, resident: list[int], slack: int) -> list[int]:
     """Steps a HeapCap over the resident sizes given; the steps after which it trimmed."""
     read: list[int] = []
     trims: list[int] = []
-    monkeypatch.setattr(device, "_MALLOC_TRIM", lambda pad: trims.append(len(read) - 1) or 1)
-    cap = device.HeapCap(slack)
-    monkeypatch.setattr(device, "resident_bytes", lambda: read.append(0) or resident[len(read) - 1])
+    monkeypatch.setattr(heap, "_MALLOC_TRIM", lambda pad: trims.append(len(read) - 1) or 1)
+    cap = heap.HeapCap(slack)
+    monkeypatch.setattr(heap, "resident_bytes", lambda: read.append(0) or resident[len(read) - 1])
     for _ in resident:
         cap.step()
     return trims
@@ -32,16 +33,54 @@ def test_a_return_once_growth_passes_the_slack_then_a_new_level(monkeypatch):
 
 
 def test_nothing_where_the_resident_set_cannot_be_read(monkeypatch):
-    monkeypatch.setattr(device, "resident_bytes", lambda: None)
-    monkeypatch.setattr(device, "_MALLOC_TRIM", lambda pad: pytest.fail("trimmed"))
-    cap = device.HeapCap(0)
+    monkeypatch.setattr(heap, "resident_bytes", lambda: None)
+    monkeypatch.setattr(heap, "_MALLOC_TRIM", lambda pad: pytest.fail("trimmed"))
+    cap = heap.HeapCap(0)
     cap.step()
     cap.step()
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/statm")
 def test_resident_bytes_reads_this_process():
-    before = device.resident_bytes()
+    before = heap.resident_bytes()
     block = b"\x01" * (64 * 2**20)  # written, so its pages are resident
-    assert device.resident_bytes() >= before + 32 * 2**20
+    assert heap.resident_bytes() >= before + 32 * 2**20
     del block
+
+
+def test_reuse_batch_buffers_sets_both_thresholds(monkeypatch):
+    calls = []
+    monkeypatch.setattr(heap, "_MALLOPT", lambda param, value: calls.append((param, value)) or 1)
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(k, raising=False)
+    assert heap.reuse_batch_buffers(64 * 2**20)
+    assert calls == [(-3, 64 * 2**20), (-1, 64 * 2**20)]
+    calls.clear()
+    assert heap.reuse_batch_buffers(2**40)  # mallopt takes a C int
+    assert calls == [(-3, 2**31 - 1), (-1, 2**31 - 1)]
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MALLOC_MMAP_THRESHOLD_", "131072"),
+        ("MALLOC_TRIM_THRESHOLD_", "0"),
+        ("GLIBC_TUNABLES", "glibc.malloc.mmap_threshold=131072"),
+    ],
+)
+def test_reuse_batch_buffers_leaves_the_environment_s_choice(monkeypatch, name, value):
+    monkeypatch.setattr(heap, "_MALLOPT", lambda param, value: pytest.fail("mallopt called"))
+    monkeypatch.setenv(name, value)
+    assert not heap.reuse_batch_buffers()
+
+
+def test_reuse_batch_buffers_without_mallopt(monkeypatch):
+    monkeypatch.setattr(heap, "_MALLOPT", None)
+    assert not heap.reuse_batch_buffers()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_reuse_batch_buffers_on_this_c_library(monkeypatch):
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
+        monkeypatch.delenv(k, raising=False)
+    assert heap.reuse_batch_buffers() == (heap._MALLOPT is not None)

@@ -23,6 +23,7 @@ LOWER = (
     "rng",
     "rundir",
     "device",
+    "heap",
     "augment",
     "tables",
     "context",

@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from unleash_ood.errors import UserError
+from unleash_ood.heap import reuse_batch_buffers
 from unleash_ood.rundir import append_log, check_out, check_writable, holds_files, out_lock
 from unleash_ood.specs import (
     DEFAULT_WEIGHT,
@@ -1085,6 +1086,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    reuse_batch_buffers()
     try:
         with _run_folder_lock(args):
             args.func(args)

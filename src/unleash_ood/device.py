@@ -3,7 +3,6 @@ place in a ``torchrun`` job; mixed-precision autocast by name."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 from dataclasses import dataclass
 
@@ -92,73 +91,3 @@ def current_dist() -> Dist:
     if dist.is_available() and dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size())
     return Dist()
-
-
-def _libc_trim():
-    """glibc's ``malloc_trim`` from the symbols already loaded in this process, or None where
-    the C library has none (macOS, musl) or cannot be opened that way (Windows)."""
-    try:
-        return getattr(ctypes.CDLL(None), "malloc_trim", None)
-    except (OSError, TypeError):
-        return None
-
-
-_MALLOC_TRIM = _libc_trim()
-
-
-def release_freed_memory() -> None:
-    """Hand the pages the C heap holds free back to the system (glibc's ``malloc_trim(0)``).
-
-    A forward pass frees a batch's buffers every step; glibc keeps freed blocks in its heap
-    and, once it has raised its mmap threshold, serves later batches from there, where they
-    can pile up as fragments. Called after each dataset's pass and each scorer's scoring,
-    where a few milliseconds do not count, and within a pass by :class:`HeapCap`.
-    """
-    if _MALLOC_TRIM is not None:
-        _MALLOC_TRIM(0)
-
-
-def resident_bytes() -> int | None:
-    """This process's resident set in bytes (``/proc/self/statm``), or None where there is
-    no such file (macOS, Windows)."""
-    try:
-        with open("/proc/self/statm", "rb") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError, AttributeError):
-        return None
-
-
-# Growth of the resident set over its level after a batch that HeapCap tolerates.
-HEAP_SLACK = 128 * 2**20
-
-
-class HeapCap:
-    """Bounds what a pass's freed batch buffers add to the resident set: call :meth:`step`
-    after each batch; once the resident set exceeds its level after the first batch (which
-    holds one batch's working set) by more than ``slack`` bytes, the C heap's free pages go
-    back to the system (:func:`release_freed_memory`) and the level is taken again after the
-    next batch.
-
-    Why not at a fixed interval: returning the pages every 16 batches made the next batch
-    fault them in again, 1.17x the time of a plain loop for the evaluator's forward pass
-    (2.2 million page faults against 38,000), and the peak was no lower: 80,200 streamed
-    images peaked at a median 961-964 MiB in two runs of ``benchmarks/scale.py``, against 874
-    with this cap and 1,030 with no returns within a pass. Growth that is data (outputs
-    written into their buffers) also crosses the slack now and then; each crossing costs one
-    return, so that stays rare.
-    Does nothing where the resident set cannot be read or the C library cannot trim.
-    """
-
-    def __init__(self, slack: int = HEAP_SLACK):
-        self.slack = slack
-        self.level: int | None = None
-
-    def step(self) -> None:
-        now = resident_bytes() if _MALLOC_TRIM is not None else None
-        if now is None:
-            return
-        if self.level is None:
-            self.level = now
-        elif now > self.level + self.slack:
-            release_freed_memory()
-            self.level = None

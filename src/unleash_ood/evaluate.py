@@ -29,11 +29,11 @@ from unleash_ood.device import (
     autocast_dtype,
     current_dist,
     prepare_model,
-    release_freed_memory,
     resolve_device,
     to_device,
 )
 from unleash_ood.errors import UserError
+from unleash_ood.heap import release_freed_memory
 from unleash_ood.metrics import METRIC_NAMES, accuracy, ood_metrics
 from unleash_ood.models import Classifier
 from unleash_ood.outputs import Outputs, progress_batches

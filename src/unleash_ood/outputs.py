@@ -14,8 +14,9 @@ import torch
 from tqdm.auto import tqdm
 
 from unleash_ood.data.base import ImageData
-from unleash_ood.device import HeapCap, release_freed_memory, to_device
+from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
+from unleash_ood.heap import HeapCap, release_freed_memory
 from unleash_ood.models.base import Classifier
 from unleash_ood.models.maps import MAP_SUMMARIES
 
