@@ -1,6 +1,6 @@
 """Evaluator cost relative to plain loops over the same data and model.
 
-    python benchmarks/evaluator_overhead.py [--checkpoint CKPT] [--repeats 2]
+    python benchmarks/evaluator_overhead.py [--checkpoint CKPT] [--repeats 2] [--scores a,b]
 
 Every side sees the same images in the same channels-last batches, so each ratio isolates what
 the evaluator adds:
@@ -55,6 +55,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument(
+        "--scores",
+        default=None,
+        help="comma-separated output-only scorers for the evaluator side (default: all of them)",
+    )
+    p.add_argument(
         "--allocator",
         choices=("batch-buffers", "defaults"),
         default="batch-buffers",
@@ -72,11 +77,17 @@ def main() -> None:
     # Output-only scorers. Apart (benchmarks/related_scores.py): the feature-map ones (MODE,
     # Gram, ...), which add work to the forward pass itself, and Forte, whose fit compares every
     # training feature with every other (minutes at 55,000 rows: fit it on --fit-samples).
-    names = [
-        n
-        for n, cls in SCORERS.items()
-        if not cls.needs_model and not cls.map_summaries and n != "forte"
-    ]
+    names = (
+        args.scores.split(",")
+        if args.scores
+        else [
+            n
+            for n, cls in SCORERS.items()
+            if not cls.needs_model and not cls.map_summaries and n != "forte"
+        ]
+    )
+    if unknown := [n for n in names if n not in SCORERS or SCORERS[n].needs_model]:
+        p.error(f"not output-only scorers: {', '.join(unknown)}")
     odin = make_scorer("odin")
 
     @torch.inference_mode()
