@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from unleash_ood import heap
+from unleash_ood import cli, heap
 
 
 def drive(monkeypatch, resident: list[int], slack: int) -> list[int]:
@@ -84,3 +84,10 @@ def test_reuse_batch_buffers_on_this_c_library(monkeypatch):
     for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"):
         monkeypatch.delenv(k, raising=False)
     assert heap.reuse_batch_buffers() == (heap._MALLOPT is not None)
+
+
+def test_every_command_sets_the_allocator_first(monkeypatch, capsys, tmp_path):
+    calls = []
+    monkeypatch.setattr(cli, "reuse_batch_buffers", lambda: calls.append(1) or True)
+    assert cli.main(["datasets", "--data-dir", str(tmp_path)]) == 0
+    assert calls == [1]
