@@ -10,6 +10,21 @@ import torch
 import torch.distributed as dist
 
 from unleash_ood.errors import UserError
+from unleash_ood.heap import HeapCap, release_freed_memory, resident_bytes
+
+__all__ = [
+    "AUTOCAST",
+    "Dist",
+    "HeapCap",  # the C heap's helpers live in unleash_ood.heap; importable here as before
+    "autocast_dtype",
+    "current_dist",
+    "init_distributed",
+    "prepare_model",
+    "release_freed_memory",
+    "resident_bytes",
+    "resolve_device",
+    "to_device",
+]
 
 # --autocast names -> the dtype autocast runs eligible ops in (None: plain float32).
 AUTOCAST = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -33,10 +33,13 @@ def reuse_batch_buffers(limit: int = HEAP_BLOCKS) -> bool:
     With glibc's defaults, a block above its mmap threshold (at most 32 MiB, raised as mapped
     blocks are freed) is mapped when the heap holds no free block as large, and unmapped when
     freed: the CNN's first activation (51 MB at batch 512) then costs a fresh mapping whose
-    pages the kernel zeroes on every batch. On the shipped model's evaluation (81,293 images)
-    that was 4.3-7.8 million page faults and 21-25 s per pass; with this setting 41,000-55,000
-    faults and 16.4 s, for a plain loop and ``forward_outputs`` alike, and no higher peak
-    resident set (``HeapCap`` and :func:`release_freed_memory` still return free pages).
+    pages the kernel zeroes on every batch. On the shipped model's evaluation (81,293 images,
+    2 cores) that was 4.3-7.8 million page faults and 21-25 s per pass in the heap's bad
+    state; with this setting 300-55,000 faults and 16.4-16.6 s, for a plain loop and
+    ``forward_outputs`` alike. The price is the freed buffers kept for the next batch: the
+    peak resident set of a streamed evaluation rose by about 50-80 MiB
+    (``benchmarks/scale.py``) and stays flat in the data's size, since :class:`HeapCap` and
+    :func:`release_freed_memory` still return free pages.
     The command line calls it at start; library users may call it once themselves, since it
     changes the whole process's allocator. Does nothing, and returns False, where the C
     library has no ``mallopt`` or the environment already sets these thresholds.
@@ -96,7 +99,8 @@ class HeapCap:
     fault them in again, 1.17x the time of a plain loop for the evaluator's forward pass
     (2.2 million page faults against 38,000), and the peak was no lower: 80,200 streamed
     images peaked at a median 961-964 MiB in two runs of ``benchmarks/scale.py``, against 874
-    with this cap and 1,030 with no returns within a pass. Growth that is data (outputs
+    with this cap and 1,030 with no returns within a pass (glibc's default thresholds; 951
+    with this cap under :func:`reuse_batch_buffers`). Growth that is data (outputs
     written into their buffers) also crosses the slack now and then; each crossing costs one
     return, so that stays rare.
     Does nothing where the resident set cannot be read or the C library cannot trim.
