@@ -218,9 +218,9 @@ def phase_arms(phase: str, runs: Path) -> list[Arm]:
     raise SystemExit(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
 
 
-def run_arm(arm: Arm, resume: bool) -> bool:
-    """Run (or continue) one arm as a child ``unleash`` process, its output in ``<out>.log``;
-    False when it still waits for the output of another arm."""
+def run_arm(arm: Arm, resume: bool, src: Path = SRC) -> bool:
+    """Run (or continue) one arm as a child ``unleash`` process with the package under ``src``,
+    its output in ``<out>.log``; False when it still waits for the output of another arm."""
     missing = [p for p in arm.needs if not p.exists()]
     if missing:
         print(f"  skip {arm.name}: waits for {', '.join(map(str, missing))}", flush=True)
@@ -242,7 +242,7 @@ def run_arm(arm: Arm, resume: bool) -> bool:
         *(["--resume"] if cont else []),
     ]
     print(f"  {'resume' if cont else 'run'} {arm.name}: {' '.join(cmd[3:])}", flush=True)
-    env = {**os.environ, "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    env = {**os.environ, "PYTHONPATH": f"{src}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     t0 = time.perf_counter()
     with open(arm.out.parent / f"{arm.out.name}.log", "a") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
@@ -373,6 +373,25 @@ def gather(runs: Path, bench) -> dict:
     return out
 
 
+def carry_forward(results: dict, recorded: dict) -> list[str]:
+    """Keep, in ``results``, the arms an earlier table recorded whose run directories are gone
+    (a lost or cleaned ``--runs-dir``): a finished arm is never dropped from the tables, and a
+    rerun of it replaces the record. Returns the names of the arms kept from the record."""
+    kept = []
+    for phase in ("paper100", "paper30", "oe", "noise", "xi"):
+        for seed, row in recorded.get(phase, {}).items():
+            now = results[phase].setdefault(seed, {})
+            for arm, entry in row.items():
+                if arm not in now:
+                    now[arm] = entry
+                    if arm != "base":
+                        kept.append(f"{phase}/{seed}/{arm}")
+            key = f"{phase}/{seed}"
+            if key in recorded.get("excluded_from_all", {}):
+                results["excluded_from_all"].setdefault(key, recorded["excluded_from_all"][key])
+    return kept
+
+
 def xi_of(out: Path) -> dict | None:
     f = out / "xi.json"
     if not f.exists():
@@ -444,7 +463,11 @@ def noise_extras(runs: Path) -> list[list]:
 
 
 def write_tables(runs: Path, out: Path, bench) -> None:
+    record = out.with_suffix(".json")
     results = gather(runs, bench)
+    results["recorded_only"] = carry_forward(
+        results, json.loads(record.read_text()) if record.exists() else {}
+    )
     results["xi_selection"] = xi_selection(results)
     lines = [
         "# Unleashing Mask with the paper's recipes on fmnist",
@@ -530,9 +553,22 @@ def write_tables(runs: Path, out: Path, bench) -> None:
     ]
     done = [a for p in PHASES for a in phase_arms(p, runs) if a.done()]
     secs = [s for a in done if (s := seconds_of(a.out)) is not None]
+    kept = results["recorded_only"]
+    for name in kept:
+        phase, seed, arm = name.split("/")
+        if (s := results[phase][seed][arm].get("seconds")) is not None:
+            secs.append(s)
     lines += [
-        f"{len(done)} of {sum(len(phase_arms(p, runs)) for p in PHASES)} arms finished; "
-        f"their training took {sum(secs) / 3600:.2f} h of wall time on 2 CPU cores.",
+        f"{len(done) + len(kept)} of {sum(len(phase_arms(p, runs)) for p in PHASES)} arms "
+        f"finished; their training took {sum(secs) / 3600:.2f} h of wall time on 2 CPU cores.",
+        *(
+            [
+                f"Kept from the earlier tables, their run directories gone: {', '.join(kept)} "
+                "(a rerun replaces them).",
+            ]
+            if kept
+            else []
+        ),
         "",
     ]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -547,6 +583,11 @@ def main() -> None:
     p.add_argument("--phases", default=",".join(PHASES), help="phases to run, in this order")
     p.add_argument("--resume", action="store_true", help="continue interrupted arms")
     p.add_argument("--tables-only", action="store_true", help="rebuild the tables and stop")
+    p.add_argument(
+        "--src",
+        default=str(SRC),
+        help="the unleash_ood source tree the arms run with (a checkout of the study's commit)",
+    )
     args = p.parse_args()
     runs, out = Path(args.runs_dir), Path(args.out)
     bench = load_benchmark("fmnist")
@@ -557,7 +598,7 @@ def main() -> None:
         for phase in phases:
             print(f"phase {phase}", flush=True)
             for arm in phase_arms(phase, runs):
-                if not arm.done() and run_arm(arm, args.resume):
+                if not arm.done() and run_arm(arm, args.resume, Path(args.src)):
                     progressed = True
                     write_tables(runs, out, bench)
     write_tables(runs, out, bench)
