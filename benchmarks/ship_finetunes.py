@@ -1,12 +1,13 @@
 """Copy the CE-control, UM and UMAP fine-tunes of the shipped model into the package, as the
 weights ``unleash demo`` shows (``fmnist_cnn_ce``, ``fmnist_cnn_um``, ``fmnist_cnn_umap``).
 
-    python benchmarks/ship_finetunes.py RUNS/ce RUNS/um RUNS/umap
+    python benchmarks/ship_finetunes.py RUNS/ce RUNS/um RUNS/umap [--commit REV]
 
 Each argument is the run directory of ``unleash finetune --from fmnist_cnn --method M`` (its
 ``checkpoints/final``). The sidecar keeps the recipe, xi and metrics; the machine-specific
 start path is replaced by the shipped model's name, and ``made_with`` records the command
-that remakes the model.
+that remakes the model, with the commit of the code that trained it when ``--commit`` names
+one (the same seed draws other random numbers at other commits).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from unleash_ood.checkpoint import SHIPPED_DIR, atomic_write_json, read_sidecar
 METHODS = ("ce", "um", "umap")
 
 
-def ship(run: Path) -> str:
+def ship(run: Path, commit: str | None) -> str:
     meta = read_sidecar(run / "checkpoints" / "final")
     tune = meta["finetune"]
     method, recipe = tune["method"], meta["recipe"]
@@ -35,6 +36,8 @@ def ship(run: Path) -> str:
         f"unleash finetune --from fmnist_cnn --method {method} --recipe {name} "
         f"--epochs {recipe['epochs']} --seed {recipe['seed']}{xi} --out RUN"
     )
+    if commit:
+        made_with += f" (the code of commit {commit})"
     target = SHIPPED_DIR / f"fmnist_cnn_{method}"
     shutil.copyfile(run / "checkpoints" / "final.safetensors", f"{target}.safetensors")
     atomic_write_json(
@@ -46,12 +49,13 @@ def ship(run: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs", nargs=3, type=Path, help="the ce, um and umap run directories")
+    p.add_argument("--commit", help="the commit of the code that trained the three runs")
     args = p.parse_args()
     methods = [read_sidecar(r / "checkpoints" / "final")["finetune"]["method"] for r in args.runs]
     if sorted(methods) != sorted(METHODS):
         raise SystemExit(f"need one run each of {', '.join(METHODS)}, got {', '.join(methods)}")
     for run in args.runs:
-        print(ship(run))
+        print(ship(run, args.commit))
 
 
 if __name__ == "__main__":
