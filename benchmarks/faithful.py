@@ -598,7 +598,7 @@ def main() -> None:
         for phase in phases:
             print(f"phase {phase}", flush=True)
             for arm in phase_arms(phase, runs):
-                if not arm.done() and run_arm(arm, args.resume, Path(args.src)):
+                if not arm.done() and run_arm(arm, args.resume, Path(args.src).resolve()):
                     progressed = True
                     write_tables(runs, out, bench)
     write_tables(runs, out, bench)
