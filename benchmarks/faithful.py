@@ -374,9 +374,10 @@ def gather(runs: Path, bench) -> dict:
 
 
 def carry_forward(results: dict, recorded: dict) -> list[str]:
-    """Keep, in ``results``, the arms an earlier table recorded whose run directories are gone
-    (a lost or cleaned ``--runs-dir``): a finished arm is never dropped from the tables, and a
-    rerun of it replaces the record. Returns the names of the arms kept from the record."""
+    """Keep, in ``results``, the arms an earlier table recorded that ``--runs-dir`` holds no
+    finished run of (lost or cleaned, or a rerun under way): a finished arm is never dropped
+    from the tables, and a finished rerun replaces the record. Returns the names of the arms
+    kept from the record."""
     kept = []
     for phase in ("paper100", "paper30", "oe", "noise", "xi"):
         for seed, row in recorded.get(phase, {}).items():
@@ -563,8 +564,8 @@ def write_tables(runs: Path, out: Path, bench) -> None:
         f"finished; their training took {sum(secs) / 3600:.2f} h of wall time on 2 CPU cores.",
         *(
             [
-                f"Kept from the earlier tables, their run directories gone: {', '.join(kept)} "
-                "(a rerun replaces them).",
+                f"Kept from the earlier tables, no finished run of them in the runs directory: "
+                f"{', '.join(kept)} (a finished rerun replaces them).",
             ]
             if kept
             else []
