@@ -8,7 +8,10 @@ Every arm is one ``unleash`` command in its own run directory under ``--runs-dir
 child process (so the study exercises exactly what a user runs) and evaluated once with every
 scorer on the OOD validation and test sets (``evaluation.json`` beside it). Finished arms are
 skipped; an interrupted one continues with ``--resume``. After every arm the tables are
-rebuilt from whatever has finished, into ``<out>.md`` and ``<out>.json``. Nothing is tuned on
+rebuilt from whatever has finished, into ``<out>.md`` and ``<out>.json``. An arm those tables
+record but whose run directory is gone keeps its record and is not trained again, unless its
+phase is named by ``--rerun-recorded`` (default ``paper100``, whose weights the demo ships;
+``benchmarks/ship_finetunes.py`` needs their run directories). Nothing is tuned on
 OOD test sets: xi comes from the random-mask estimate on training data, or from the OOD
 *validation* sets (phase ``xi``); the noisy runs' selected epoch from validation data only.
 
@@ -126,13 +129,22 @@ def method_arms(phase: str, runs: Path, seed: int, start: Path, extra: list[str]
     ]
 
 
-def xi_arm(runs: Path, seed: int, factor: float) -> Arm:
-    """UM with xi = ``factor`` x the estimate that ``paper30``'s UM arm of this seed used."""
+def recorded_xi(record: dict, seed: int) -> float | None:
+    """The xi that ``paper30``'s UM arm of ``seed`` used, as the earlier tables record it."""
+    um = record.get("paper30", {}).get(f"seed{seed}", {}).get("um") or {}
+    return (um.get("xi") or {}).get("xi")
+
+
+def xi_arm(runs: Path, seed: int, factor: float, record: dict) -> Arm:
+    """UM with xi = ``factor`` x the estimate that ``paper30``'s UM arm of this seed used: from
+    its run directory, or from the earlier tables when only they hold that arm."""
     estimate = runs / "paper30" / f"seed{seed}" / "um" / "xi.json"
     out = runs / "xi" / f"seed{seed}" / f"x{factor:g}"
+    kept = recorded_xi(record, seed)
 
     def args() -> list[str]:
-        xi = json.loads(estimate.read_text())["xi"] * factor
+        base = json.loads(estimate.read_text())["xi"] if estimate.exists() else kept
+        xi = base * factor
         return [
             "finetune",
             "--from",
@@ -149,12 +161,13 @@ def xi_arm(runs: Path, seed: int, factor: float) -> Arm:
             f"{xi:.6g}",
         ]
 
-    return Arm(
-        f"xi/seed{seed}/x{factor:g}", out, args, out / "checkpoints" / "final", needs=[estimate]
-    )
+    needs = [estimate] if kept is None else []
+    return Arm(f"xi/seed{seed}/x{factor:g}", out, args, out / "checkpoints" / "final", needs=needs)
 
 
-def phase_arms(phase: str, runs: Path) -> list[Arm]:
+def phase_arms(phase: str, runs: Path, record: dict | None = None) -> list[Arm]:
+    """The arms of ``phase``; ``record``: the earlier tables (``<out>.json``), which the ``xi``
+    arms read their base xi from when ``paper30``'s run directories are gone."""
     if phase == "paper100":
         return method_arms(phase, runs, 0, start_model(runs, 0), ["--recipe", "paper"])
     if phase == "pretrain":
@@ -214,7 +227,7 @@ def phase_arms(phase: str, runs: Path) -> list[Arm]:
             arms += method_arms("noise", runs, seed, noisy_model(runs, seed), ["--recipe", "paper"])
         return arms
     if phase == "xi":
-        return [xi_arm(runs, s, f) for s in SEEDS for f in XI_FACTORS]
+        return [xi_arm(runs, s, f, record or {}) for s in SEEDS for f in XI_FACTORS]
     raise SystemExit(f"unknown phase {phase!r}; choose from {', '.join(PHASES)}")
 
 
@@ -463,12 +476,25 @@ def noise_extras(runs: Path) -> list[list]:
     return rows
 
 
-def write_tables(runs: Path, out: Path, bench) -> None:
+def read_record(out: Path) -> dict:
+    """The earlier tables' JSON, ``{}`` before the first."""
     record = out.with_suffix(".json")
+    return json.loads(record.read_text()) if record.exists() else {}
+
+
+def kept_as_recorded(arm: Arm, record: dict, rerun: set[str]) -> bool:
+    """True for an arm that ``record`` holds and that has not started in the runs directory,
+    unless its phase is in ``rerun``: the tables keep its record and it is not trained again."""
+    parts = arm.name.split("/")
+    if len(parts) != 3 or parts[0] in rerun or arm.started():
+        return False
+    phase, seed, name = parts
+    return name in record.get(phase, {}).get(seed, {})
+
+
+def write_tables(runs: Path, out: Path, bench) -> None:
     results = gather(runs, bench)
-    results["recorded_only"] = carry_forward(
-        results, json.loads(record.read_text()) if record.exists() else {}
-    )
+    results["recorded_only"] = carry_forward(results, read_record(out))
     results["xi_selection"] = xi_selection(results)
     lines = [
         "# Unleashing Mask with the paper's recipes on fmnist",
@@ -585,6 +611,12 @@ def main() -> None:
     p.add_argument("--resume", action="store_true", help="continue interrupted arms")
     p.add_argument("--tables-only", action="store_true", help="rebuild the tables and stop")
     p.add_argument(
+        "--rerun-recorded",
+        default="paper100",
+        help="phases whose arms are trained again when only the earlier tables hold them "
+        "(default paper100: the demo ships those weights); the others keep their record",
+    )
+    p.add_argument(
         "--src",
         default=str(SRC),
         help="the unleash_ood source tree the arms run with (a checkout of the study's commit)",
@@ -592,14 +624,19 @@ def main() -> None:
     args = p.parse_args()
     runs, out = Path(args.runs_dir), Path(args.out)
     bench = load_benchmark("fmnist")
-    phases = args.phases.split(",")
+    phases, rerun = args.phases.split(","), set(args.rerun_recorded.split(","))
     progressed = not args.tables_only
     while progressed:  # a second pass runs arms whose inputs an arm of a later phase made
         progressed = False
         for phase in phases:
             print(f"phase {phase}", flush=True)
-            for arm in phase_arms(phase, runs):
-                if not arm.done() and run_arm(arm, args.resume, Path(args.src).resolve()):
+            record = read_record(out)
+            for arm in phase_arms(phase, runs, record):
+                if arm.done():
+                    continue
+                if kept_as_recorded(arm, record, rerun):
+                    print(f"  keep {arm.name}: recorded in {out.with_suffix('.json')}", flush=True)
+                elif run_arm(arm, args.resume, Path(args.src).resolve()):
                     progressed = True
                     write_tables(runs, out, bench)
     write_tables(runs, out, bench)
