@@ -20,7 +20,7 @@ from unleash_ood.method.watermark import (
 )
 from unleash_ood.models import create_model
 from unleash_ood.models.watermark import Watermarked
-from unleash_ood.specs import WatermarkSpec
+from unleash_ood.specs import WatermarkSpec, watermark_preset
 
 
 def test_msp_loss_by_hand() -> None:
@@ -85,6 +85,17 @@ def test_spec_fills_the_scores_defaults_and_checks_values() -> None:
         WatermarkSpec(score="odin")
     with pytest.raises(UserError, match="--sigma"):
         WatermarkSpec(sigma=-1.0)
+    with pytest.raises(UserError, match="--preset"):
+        WatermarkSpec(preset="imagenet")
+
+
+def test_cifar100_takes_the_authors_cifar100_settings() -> None:
+    # QizhouWang/watermarking, train.py: the CIFAR-100 branches of both scores
+    spec = WatermarkSpec(score="energy", preset=watermark_preset("cifar100"))
+    assert (spec.sigma, spec.rho, spec.beta, spec.t_in, spec.t_out) == (0.4, 0.1, 0.1, 0.9, 0.1)
+    spec = WatermarkSpec(score="msp", preset=watermark_preset("cifar100"), rho=0.5)
+    assert (spec.sigma, spec.rho, spec.beta) == (1.0, 0.5, 2.5)
+    assert watermark_preset("fmnist") == watermark_preset("cifar10") == "cifar10"
 
 
 def _argv(fmnist_dir, ckpt, out, *extra) -> list[str]:
@@ -101,7 +112,9 @@ def test_watermark_command_writes_a_loadable_model(
     pattern = load_file(str(out / "watermark.safetensors"))["pattern"]
     assert pattern.shape == (1, 28, 28) and pattern.abs().max() > 0
     assert (out / "watermark.png").stat().st_size > 0
-    assert json.loads((out / "config.json").read_text())["spec"]["score"] == score
+    spec = json.loads((out / "config.json").read_text())["spec"]
+    assert (spec["score"], spec["preset"]) == (score, "cifar10")  # fmnist takes CIFAR-10's
+    assert spec["sigma"] == WatermarkSpec(score=score).sigma
     assert (out / "log.txt").read_text().count("epoch") == 2
     marked, meta = load_checkpoint(out / "checkpoints" / "final")
     assert isinstance(marked, Watermarked) and meta["watermark"]["score"] == score

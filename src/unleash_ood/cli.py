@@ -24,7 +24,7 @@ from unleash_ood.specs import (
     OUTLIER_METHODS,
     RECIPES,
     TRAINS,
-    WATERMARK_DEFAULTS,
+    WATERMARK_PRESETS,
     WATERMARK_SCORES,
     FinetuneSpec,
     OutlierSpec,
@@ -33,6 +33,7 @@ from unleash_ood.specs import (
     default_recipe_name,
     finetune_recipe,
     method_named,
+    watermark_preset,
 )
 
 # Every sub-command's handler imports what it needs (PyTorch included) when it runs, so that
@@ -433,6 +434,7 @@ def cmd_watermark(args: argparse.Namespace) -> None:
     read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
     spec = WatermarkSpec(
         score=args.score,
+        preset=args.preset or watermark_preset(args.benchmark),
         epochs=args.epochs,
         batch_size=args.batch_size,
         alpha=args.alpha,
@@ -467,6 +469,13 @@ def _add_watermark_parser(sub) -> None:
     p.add_argument("--epochs", type=positive_int, default=d.epochs, help="passes over the data")
     p.add_argument("--batch-size", type=positive_int, default=d.batch_size, help="ID per step")
     p.add_argument("--alpha", type=float, default=d.alpha, help="signed step size")
+    p.add_argument(
+        "--preset",
+        choices=tuple(WATERMARK_PRESETS),
+        default=None,
+        help="whose official settings fill the flags below (default: cifar100 for "
+        "--benchmark cifar100, else cifar10)",
+    )
     for name, text in (
         ("sigma", "std of the Gaussian noise the pattern learns to reject"),
         ("rho", "radius of the sharpness-aware perturbation"),
@@ -474,7 +483,10 @@ def _add_watermark_parser(sub) -> None:
         ("t_in", "energy: scale of the ID penalty"),
         ("t_out", "energy: scale of the noise penalty"),
     ):
-        per_score = ", ".join(f"{k} {v[name]}" for k, v in WATERMARK_DEFAULTS.items())
+        per_score = "; ".join(
+            f"{preset}: " + ", ".join(f"{k} {v[name]}" for k, v in scores.items())
+            for preset, scores in WATERMARK_PRESETS.items()
+        )
         p.add_argument(
             f"--{name.replace('_', '-')}", type=float, default=None, help=f"{text} ({per_score})"
         )

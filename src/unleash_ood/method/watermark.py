@@ -12,16 +12,19 @@ the same size is ``CE(f(x + w), y) + beta * R``, with, for the score the pattern
 
 Each step is sharpness-aware and signed: ``g = grad L(w)``, ``e = g / ||g||``, then
 ``w <- w - alpha * sign(grad L(w + rho e))``; ``alpha`` is divided by 10 for the second half.
-The official defaults (QizhouWang/watermarking, train.py; CIFAR-10, the only ones they give
-for a small benchmark): 50 epochs of batch 128 with random horizontal flips, alpha 0.01,
-and per score the ``specs.WATERMARK_DEFAULTS``. ``w``, ``sigma`` and ``rho`` live in
+The official defaults (QizhouWang/watermarking, train.py): 50 epochs of batch 128 with random
+horizontal flips, alpha 0.01, and per score the settings of ``specs.WATERMARK_PRESETS``, which
+they give for CIFAR-10 and CIFAR-100; every other benchmark (fmnist among them) takes the
+CIFAR-10 ones. ``w``, ``sigma`` and ``rho`` live in
 normalised input units, as theirs do (their noise ``sigma * N(0, 1)`` is in normalised units,
 i.e. the pixel noise ``mean + std * sigma * N(0, 1)`` here); the saved pattern is converted to
 pixel units, what :class:`~unleash_ood.models.watermark.Watermarked` adds to images in [0, 1].
 
 Deviations from the authors' code: their loop runs epochs 0 to 50 inclusive (51 passes) and
 divides alpha from pass 25; we run ``epochs`` passes and divide from pass ``ceil(epochs / 2)``
-(0-based: 25 of 50, never in a one-pass run). The ragged
+(0-based: 25 of 50, never in a one-pass run; theirs divides at pass 25 whatever the number
+of epochs, so below 26 never). Any flag left unset takes its preset value, where theirs drops
+every predefined value once one of alpha, sigma, rho or beta is given. The ragged
 last batch of an epoch is dropped (as every trainer here does). A zero gradient gives no
 sharpness perturbation instead of a division by zero.
 
