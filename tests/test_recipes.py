@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import finetune_argv
-from unleash_ood.cli import main
+from unleash_ood.cli import _recipe_from, build_parser, main
 from unleash_ood.data.base import ImageSet
 from unleash_ood.data.noise import TrainingData, flip_labels, stratified_subset
 from unleash_ood.errors import UserError
@@ -44,6 +44,24 @@ def test_paper_recipes_match_the_official_configs() -> None:
     assert finetune_recipe("um", epochs=30).epochs == 30 and finetune_recipe("um") == PAPER_RECIPE
     with pytest.raises(UserError, match="unknown recipe"):
         finetune_recipe("um", "long")
+
+
+def test_the_benchmark_sets_the_augmentation_unless_one_is_given() -> None:
+    # the official CIFAR pipeline (tmlr-group/Unleashing-Mask, data/cifar.py):
+    # RandomCrop(32, padding=4) + RandomHorizontalFlip
+    assert finetune_recipe("um", benchmark="cifar10").augment == "crop+flip"
+    assert finetune_recipe("um", "paper-oe", benchmark="cifar100-openood").augment == "crop+flip"
+    assert finetune_recipe("um", benchmark="fmnist").augment == "flip"
+    assert finetune_recipe("um", benchmark="cifar10", augment="none").augment == "none"
+    parser = build_parser()
+    for argv, augment in (
+        (["pretrain", "--benchmark", "cifar100", "--out", "r"], "crop+flip"),
+        (["pretrain", "--out", "r"], "flip"),
+        (["pretrain", "--benchmark", "cifar10", "--augment", "flip", "--out", "r"], "flip"),
+        (["finetune", "--from", "m", "--benchmark", "cifar10", "--out", "r"], "crop+flip"),
+        (["finetune", "--from", "m", "--augment", "crop", "--out", "r"], "crop"),
+    ):
+        assert _recipe_from(parser.parse_args(argv)).augment == augment, argv
 
 
 @pytest.mark.parametrize(
@@ -177,6 +195,7 @@ def test_finetune_records_recipe_and_logs_plain_ce(capsys, fmnist_dir, tiny_chec
     assert config["recipe_name"] == "quick"
     assert config["recipe"]["lr"] == 0.02 and config["recipe"]["epochs"] == 1  # flags override
     assert config["recipe"]["weight_decay"] == 1e-4  # the rest from the recipe
+    assert config["recipe"]["augment"] == "flip"  # fmnist's
     line = (out / "log.txt").read_text().splitlines()[-1]
     objective = float(line.split("train loss ")[1].split()[0])
     ce = float(line.split("train CE ")[1].split()[0])

@@ -30,6 +30,7 @@ from unleash_ood.specs import (
     OutlierSpec,
     Recipe,
     WatermarkSpec,
+    benchmark_augmentation,
     default_recipe_name,
     finetune_recipe,
     method_named,
@@ -351,8 +352,10 @@ FINETUNE_FLAGS = (
 
 def _recipe_from(args: argparse.Namespace, base=None, **fixed):
     """The recipe of the flags: ``base``'s values (default: Recipe()) with every flag given
-    explicitly (not None) on top, and ``fixed`` last."""
+    explicitly (not None) on top, the benchmark's augmentation unless --augment is given, and
+    ``fixed`` last."""
     given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
+    given.setdefault("augment", benchmark_augmentation(args.benchmark))
     return replace(base or Recipe(), **given, **fixed)
 
 
@@ -974,6 +977,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="architecture option, e.g. width=64 (repeatable)",
     )
     _add_recipe_args(p, Recipe())
+    p.set_defaults(augment=None)  # unset: the benchmark's (specs.benchmark_augmentation)
     p.add_argument(
         "--train-size",
         type=int,

@@ -49,7 +49,11 @@ class Recipe:
     nesterov: bool = knob(False, "Nesterov momentum")
     weight_decay: float = knob(5e-4, "L2 weight decay")
     schedule: str = knob("step", "step (/10 at 50% and 75% of the epochs), cosine or constant")
-    augment: str = knob("flip", "none, flip, crop, crop+flip")
+    augment: str = knob(
+        "flip",
+        "none, flip, crop, crop+flip (on the command line, unset: the benchmark's, crop+flip "
+        "on the CIFAR benchmarks, flip on the others)",
+    )
     seed: int = knob(0, "random seed of the run")
     save_every: int = knob(1, "checkpoint every k epochs")
 
@@ -88,11 +92,21 @@ class Recipe:
         return self.lr
 
 
+def benchmark_augmentation(benchmark: str) -> str:
+    """The augmentation a benchmark trains with unless one is given: the official CIFAR
+    pipeline's 4-pixel-padded random crop and horizontal flip (tmlr-group/Unleashing-Mask,
+    data/cifar.py) on the CIFAR benchmarks, a horizontal flip on the others (fmnist's shipped
+    model; benchmark files)."""
+    return "crop+flip" if benchmark.startswith("cifar") else "flip"
+
+
 # The official code's fine-tuning recipes (tmlr-group/Unleashing-Mask,
 # configs/smallscale/densenet_cifar10*.yaml): from the well-trained model, SGD momentum 0.9
 # (no Nesterov, although the paper says Nesterov), weight decay 1e-4, batch 256, lr cosine per
 # epoch; 100 epochs at lr 0.1 without outliers (a warm-started retrain under the constraint, and
-# what repairs UMAP's random initial mask), 10 epochs at lr 0.01 with outlier exposure.
+# what repairs UMAP's random initial mask), 10 epochs at lr 0.01 with outlier exposure; the
+# benchmark's augmentation (``benchmark`` of :func:`finetune_recipe`, the command line's
+# --benchmark), a flip when none is named.
 # ``quick`` is a 3-epoch demonstration of the mechanics, not the method's result: at its
 # lr 0.01, UM is mostly a short burst of gradient ascent, so UMAP's mask scores keep lr 0.1.
 PAPER_RECIPE = Recipe(
@@ -115,11 +129,18 @@ def default_recipe_name(outliers: bool) -> str:
 
 
 def finetune_recipe(
-    method: str = "um", name: str | None = None, outliers: bool = False, **changes
+    method: str = "um",
+    name: str | None = None,
+    outliers: bool = False,
+    benchmark: str | None = None,
+    **changes,
 ) -> Recipe:
     """Fine-tuning recipe ``name`` (default: :func:`default_recipe_name`) for ``method``, with
+    the augmentation of ``benchmark`` (:func:`benchmark_augmentation`) when one is named, and
     ``changes`` (any explicit value overrides the recipe's)."""
     name = name or default_recipe_name(outliers)
+    if benchmark is not None:
+        changes = {"augment": benchmark_augmentation(benchmark), **changes}
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; choose {', '.join(RECIPES)}")
     base = RECIPES[name]
