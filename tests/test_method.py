@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import socket
 import subprocess
 from functools import partial
 
@@ -21,6 +22,7 @@ from unleash_ood.method.constraint import (
     masked_copy,
     mean_train_loss,
     um_loss,
+    um_surrogate,
 )
 from unleash_ood.models import create_model
 
@@ -40,6 +42,45 @@ def test_um_loss_value_and_gradient_sign(ce, xi, value, grad) -> None:
     loss.backward()
     assert float(loss.detach()) == pytest.approx(value)
     assert float(t.grad) == grad
+
+
+def _um_on_a_share(rank: int, port: int, results) -> None:
+    """One of two gloo processes: CE 1.0 on rank 0 and 3.0 on rank 1, xi 1.5."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2
+    )
+    try:
+        ce = torch.tensor([1.0, 3.0][rank], requires_grad=True)
+        loss = um_loss(ce, 1.5)
+        loss.backward()
+        results[rank] = (float(loss.detach()), float(ce.grad))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_um_loss_under_two_processes_takes_the_side_of_the_whole_batch() -> None:
+    # the global batch's CE is 2.0, above xi: both shares descend (rank 0 alone, at 1.0,
+    # would ascend), and both report the global loss |2.0 - 1.5| + 1.5
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = torch.multiprocessing.get_context("spawn")
+    with ctx.Manager() as manager:
+        results = manager.dict()
+        torch.multiprocessing.start_processes(
+            _um_on_a_share, (port, results), nprocs=2, start_method="spawn"
+        )
+        assert dict(results) == {0: (2.0, 1.0), 1: (2.0, 1.0)}
+
+
+def test_um_surrogate_has_the_global_value_and_the_global_side() -> None:
+    ce = torch.tensor(0.4, requires_grad=True)
+    loss = um_surrogate(ce, torch.tensor(0.9), 0.5)  # the whole batch is above xi
+    loss.backward()
+    assert float(loss.detach()) == pytest.approx(0.9) and float(ce.grad) == 1.0
+    ce.grad = None
+    um_surrogate(ce, torch.tensor(0.3), 0.5).backward()
+    assert float(ce.grad) == -1.0
 
 
 def test_um_objective_flips_the_cross_entropy_gradient() -> None:

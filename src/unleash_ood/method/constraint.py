@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
@@ -27,8 +28,26 @@ from unleash_ood.train import Objective
 
 
 def um_loss(ce_batch: torch.Tensor, xi: float) -> torch.Tensor:
-    """``|CE_batch - xi| + xi``: equal to CE above xi, gradient ascent on CE below it."""
-    return (ce_batch - xi).abs() + xi
+    """``|CE_batch - xi| + xi``: equal to CE above xi, gradient ascent on CE below it.
+
+    The official code applies it once to the whole batch (DataParallel gathers the logits).
+    Under ``torch.distributed`` with several processes, each holding an equal share of the
+    global batch, CE_batch is therefore the mean of the processes' CEs: see
+    :func:`um_surrogate`, whose gradients the DDP average turns into UM's on the global batch.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return (ce_batch - xi).abs() + xi
+    ce_global = ce_batch.detach().clone()
+    dist.all_reduce(ce_global)
+    return um_surrogate(ce_batch, ce_global / dist.get_world_size(), xi)
+
+
+def um_surrogate(ce_local: torch.Tensor, ce_global: torch.Tensor, xi: float) -> torch.Tensor:
+    """One process's UM loss when the batch is split: its value is the global
+    ``|CE_global - xi| + xi``, its gradient ``sign(CE_global - xi)`` times its own CE's, so the
+    side of xi is decided by the whole batch, not by each share."""
+    side = torch.sign(ce_global - xi)
+    return side * (ce_local - ce_local.detach()) + (ce_global - xi).abs() + xi
 
 
 class UMObjective(Objective):
