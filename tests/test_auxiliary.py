@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from unleash_ood.data import bundled
-from unleash_ood.data.auxiliary import load_aux, read_imagenet_batch
+from unleash_ood.data.auxiliary import load_aux, padded_crops, read_imagenet_batch
 from unleash_ood.errors import UserError
 
 
@@ -81,12 +81,26 @@ def test_imagenet_batches_stream_a_uniform_subset(tmp_path: Path, kind: str) -> 
     one = read_imagenet_batch(next(tmp_path.glob("train_data_batch_1*")))
     assert one.shape == (100, 3, 8, 8) and (one[:, 1] == 7).all() and one[5, 0, 0, 0] == 5
     aux = load_aux(str(tmp_path), 8, 3, limit=120, seed=3)
-    red = aux.images[:, 0, 0, 0].numpy()
+    red = aux.images[:, 0].amax((1, 2)).numpy()  # the crop may put padding at any corner
     assert len(aux) == 120 and len(set(red.tolist())) == 120
     assert (red < 100).any() and (red >= 100).any()  # drawn from both files
     again = load_aux(str(tmp_path), 8, 3, limit=120, seed=3)
     assert (again.images == aux.images).all()
     assert len(load_aux(str(tmp_path), 8, 3)) == 200
+
+
+def test_imagenet_outliers_are_padded_random_crops_as_the_official_code_takes_them() -> None:
+    # data/imagenet_oe.py: RandomCrop(32, padding=4) of each 64 x 64 image
+    data = np.arange(2 * 3 * 64 * 64).reshape(2, 3, 64, 64).astype(np.uint8)
+    crops = padded_crops(data, 32, np.random.default_rng(0))
+    dy, dx = np.random.default_rng(0).integers(0, 64 + 8 - 32 + 1, (2, 2))
+    padded = np.pad(data, ((0, 0), (0, 0), (4, 4), (4, 4)))
+    for i in range(2):
+        np.testing.assert_array_equal(
+            crops[i], padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
+        )
+    small = np.zeros((2, 3, 8, 8), np.uint8)
+    assert padded_crops(small, 32, np.random.default_rng(0)) is small  # resized whole later
 
 
 def test_imagenet_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:

@@ -12,6 +12,12 @@
 A run keeps a seeded subset of ``limit`` images (the paper draws 50k per run), converted to the
 benchmark's channels and size. The ImageNet batches (1.28M images) are streamed file by file,
 keeping the ``limit`` rows with the smallest random keys, so memory stays near one batch file.
+Each kept ImageNet image is cut to the benchmark's size as the Unleashing Mask code takes its
+outliers (``data/imagenet_oe.py``: ``RandomCrop(32, padding=4)`` of the 64 x 64 images, once,
+when they are drawn): a seeded random crop of the image zero-padded by 4, so an outlier is a
+patch of about a quarter of the picture, not the whole picture shrunk (images too small for
+that are resized). Every other source is resized whole. Deviation: their draw is 50k
+consecutive images from a random offset, ours a uniform sample.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from unleash_ood.errors import UserError
 
 BUNDLED = "bundled"
 BATCH_GLOB = "*data_batch_*"
+CROP_PADDING = 4
 HOW = (
     "pass --aux bundled, a .npy file of uint8 images, a folder of images, or a folder of "
     "downsampled-ImageNet batch files"
@@ -77,15 +84,33 @@ def read_imagenet_batch(path: Path) -> np.ndarray:
     return data.reshape(-1, 3, side, side)
 
 
+def padded_crops(data: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Uint8 ``(N, C, S, S)`` cut to ``(N, C, size, size)`` by torchvision's ``RandomCrop(size,
+    padding=4)``: zero-pad by 4, then crop at an offset drawn per image from ``rng``. Left
+    whole (to be resized) where ``S + 8 < size``."""
+    room = data.shape[-1] + 2 * CROP_PADDING - size
+    if room < 0:
+        return data
+    n, c = data.shape[:2]
+    dy, dx = rng.integers(0, room + 1, (2, n))
+    pad = (CROP_PADDING, CROP_PADDING)
+    padded = np.pad(data, ((0, 0), (0, 0), pad, pad))
+    rows = (dy[:, None] + np.arange(size))[:, None, :, None]
+    cols = (dx[:, None] + np.arange(size))[:, None, None, :]
+    return padded[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None], rows, cols]
+
+
 def read_imagenet_batches(
     files: list[Path], limit: int | None, seed: int, size: int, channels: int
 ) -> torch.Tensor:
-    """A uniform random subset of ``limit`` rows over all batch files, read one at a time."""
-    rng = np.random.default_rng(seed)
+    """A uniform random subset of ``limit`` rows over all batch files, read one at a time, each
+    cut by :func:`padded_crops` (its offsets drawn for every row, so they do not depend on
+    which rows are kept)."""
+    rng, crop_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
     keys = np.empty(0)
     kept = torch.empty(0, channels, size, size, dtype=torch.uint8)
     for path in files:
-        data = read_imagenet_batch(path)
+        data = padded_crops(read_imagenet_batch(path), size, crop_rng)
         k = rng.random(len(data))
         if limit is not None and len(keys) + len(k) > limit:
             # The limit smallest keys over everything seen so far are a uniform sample.
@@ -117,7 +142,7 @@ def load_aux(
     batches = sorted(p for p in path.glob(BATCH_GLOB) if p.is_file())
     if batches:
         # Reading 1.28M images takes minutes: the drawn subset is cached, keyed by the files.
-        key = f"aux/{path.name}-{limit}-{seed}-{signature(batches, size, channels)}"
+        key = f"aux/{path.name}-{limit}-{seed}-crop-{signature(batches, size, channels)}"
         images = cached_array(
             key, lambda: read_imagenet_batches(batches, limit, seed, size, channels).numpy()
         )
