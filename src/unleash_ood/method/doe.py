@@ -14,6 +14,13 @@ DOE's code then steps twice per batch (OE at the perturbed weights, CE after res
 both gradients enter one optimiser step, ``grad L_OE(W + gamma d) + grad L_ID(W)``, the usual
 form of adversarial weight perturbation, so DOE runs in the same training loop as every other
 method. The extra forward passes leave BatchNorm's running statistics alone.
+
+Other deviations from that code (as the Unleashing Mask code runs it,
+``utils/neural_linear_opt.py``, ``train_doe``): the direction is the rescaled gradient itself,
+where theirs is the rescaled step of a proxy copy's own optimiser (their ``get_optimizer``:
+the training SGD, with momentum that carries over between batches, and weight decay); and
+their optimiser steps clip the gradient norm to 1 (``clip_grad_norm_``), where the single
+step here is not clipped.
 """
 
 from __future__ import annotations
