@@ -71,6 +71,17 @@ def test_parameter_counts(name: str, options: dict, low: float, high: float, dim
     assert model.feature_dim == dim
 
 
+def test_densenet_takes_the_official_non_affine_batchnorm():
+    # tmlr-group/Unleashing-Mask, configs: bn_type NonAffineBatchNorm
+    plain = create_model("densenet100", 10, bn_affine=False)
+    bns = [m for m in plain.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(m.weight is None and m.track_running_stats for m in bns)
+    affine = create_model("densenet100", 10)
+    assert n_params(affine) - n_params(plain) == sum(2 * m.num_features for m in bns)
+    with pytest.raises(UserError, match="bn_affine must be true or false"):
+        create_model("densenet100", 10, bn_affine="no")
+
+
 def test_registry_lists_and_builds_classes():
     names = ["cnn", "densenet100", "resnet18", "vit", "wrn40_2"]
     assert model_names() == sorted(MODELS) == names
