@@ -64,7 +64,10 @@ class TopKMask(torch.autograd.Function):
 
 
 def kept_count(keep: float, numel: int) -> int:
-    """Weights a layer of ``numel`` weights keeps: ``round(keep * numel)``, at least one."""
+    """Weights a layer of ``numel`` weights keeps: ``round(keep * numel)``, at least one.
+
+    The official ``GetSubnet`` keeps ``numel - int((1 - keep) * numel)``, which floating point
+    makes one more for some sizes (4148 of 5184 at keep 0.8, where this keeps 4147)."""
     return max(1, round(keep * numel))
 
 

@@ -75,6 +75,28 @@ def typicality_statistics(
     )
 
 
+def kde_whitening(z: np.ndarray) -> tuple[np.ndarray, object]:
+    """The authors' kernel density of the rows of ``z``: scipy's ``gaussian_kde``, whose
+    kernel covariance is the data covariance times ``factor ** 2``, with Scott's or
+    Silverman's factor, whichever gives the higher mean training log-density (their
+    ``evaluate_kde``). Returns ``W`` and a scikit-learn ``KernelDensity`` fitted on ``z @ W``
+    with bandwidth ``factor``, which gives the same log-density up to a constant: ``W`` is the
+    inverse Cholesky factor of the covariance, so the kernel becomes isotropic. A column of
+    zero variance gets unit variance (scipy's covariance would be singular there)."""
+    from sklearn.neighbors import KernelDensity
+
+    n, d = z.shape
+    cov = np.atleast_2d(np.cov(z, rowvar=False))
+    constant = np.diag(cov) == 0
+    cov[constant, constant] = 1.0
+    whiten = np.linalg.inv(np.linalg.cholesky(cov)).T
+    w = z @ whiten
+    factors = (n ** (-1 / (d + 4)), (n * (d + 2) / 4) ** (-1 / (d + 4)))  # Scott, Silverman
+    fits = [KernelDensity(bandwidth=f).fit(w) for f in factors]
+    best = max(fits, key=lambda kde: kde.score_samples(w).mean())
+    return whiten, best
+
+
 @dataclass
 class Forte(Scorer):
     """Log-density, under a model fitted on ID statistics, of a sample's typicality
@@ -84,7 +106,8 @@ class Forte(Scorer):
     fit half (their ``train_test_split(test_size=0.5)``); ``R_i`` is each reference's distance
     to its ``k``-th nearest other reference (Euclidean, raw features, as in their code). The
     statistics of the fit half, standardised, train the ``density`` model: ``kde`` (default;
-    Gaussian kernel density, Scott's bandwidth, score its log-density), ``gmm`` (a
+    Gaussian kernel density with their kernel, score its log-density; see
+    :func:`kde_whitening`), ``gmm`` (a
     full-covariance Gaussian mixture of ``components`` components, score its log-likelihood)
     or ``ocsvm`` (RBF one-class SVM, ``gamma='auto'``, ``nu = 0.01``, score its decision
     function). ``k = 5`` is their default.
@@ -126,10 +149,11 @@ class Forte(Scorer):
     mean and standard deviation before the density model (theirs are not, which leaves recall
     and density, of order ``1 / M``, below the GMM's covariance regularisation); the GMM has
     a fixed number of components (their choice among 1 to 256 by training log-likelihood, which
-    grows with the count, picks the largest); the KDE is scikit-learn's with Scott's factor on
-    the standardised statistics (theirs is scipy's ``gaussian_kde``, which fails when a
-    statistic is constant on the ID fit half, as precision often is); the one-class SVM takes
-    the ``nu`` their selection picks. The distances are exact, tiled, in float64.
+    grows with the count, picks the largest); the KDE is scipy's ``gaussian_kde`` computed
+    through scikit-learn on whitened statistics (the same log-density up to a constant), with
+    a statistic that is constant on the fit half given unit variance where scipy's fails (as
+    precision often is); the one-class SVM takes the ``nu`` their selection picks. The
+    distances are exact, tiled, in float64.
     """
 
     name = "forte"
@@ -144,6 +168,7 @@ class Forte(Scorer):
     companions_: torch.Tensor | None = field(default=None, init=False, repr=False)
     shift_: np.ndarray | None = field(default=None, init=False, repr=False)
     scale_: np.ndarray | None = field(default=None, init=False, repr=False)
+    whiten_: np.ndarray | None = field(default=None, init=False, repr=False)
     model_: object | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -175,7 +200,11 @@ class Forte(Scorer):
         ).numpy()
         shift, scale = stats.mean(0), stats.std(0)
         scale[scale == 0] = 1.0
-        self.model_ = self._density_model().fit((stats - shift) / scale)
+        z = (stats - shift) / scale
+        if self.density == "kde":
+            self.whiten_, self.model_ = kde_whitening(z)
+        else:
+            self.whiten_, self.model_ = np.eye(z.shape[1]), self._density_model().fit(z)
         self.reference_, self.reference_radii_, self.companions_ = (
             reference,
             reference_radii,
@@ -200,7 +229,7 @@ class Forte(Scorer):
         return typicality_statistics(x, self.reference_, self.reference_radii_, radii, self.k)
 
     def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:
-        stats = (self.statistics(outputs).numpy() - self.shift_) / self.scale_
+        stats = (self.statistics(outputs).numpy() - self.shift_) / self.scale_ @ self.whiten_
         model = self.model_
         raw = (
             model.decision_function(stats)
@@ -211,11 +240,8 @@ class Forte(Scorer):
 
     def _density_model(self) -> object:
         from sklearn.mixture import GaussianMixture
-        from sklearn.neighbors import KernelDensity
         from sklearn.svm import OneClassSVM
 
         if self.density == "gmm":
             return GaussianMixture(self.components, covariance_type="full", random_state=self.seed)
-        if self.density == "kde":
-            return KernelDensity(bandwidth="scott")
         return OneClassSVM(kernel="rbf", gamma="auto", nu=_OCSVM_NU)
