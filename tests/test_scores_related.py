@@ -33,7 +33,7 @@ from unleash_ood.rng import numpy_rng
 from unleash_ood.scores import make_scorer, parse_scorer_list
 from unleash_ood.scores.distance import euclidean_knn_distance
 from unleash_ood.scores.gram import range_deviation
-from unleash_ood.scores.typicality import typicality_statistics
+from unleash_ood.scores.typicality import kde_whitening, typicality_statistics
 from unleash_ood.tune import GRIDS
 
 HEAD = nn.Linear(1, 1)  # neither scorer reads the head
@@ -297,6 +297,28 @@ def test_forte_matches_an_independent_numpy_sklearn_computation():
     )
     want = gmm.score_samples((test_stats - shift) / scale)
     np.testing.assert_allclose(scorer.score(test, HEAD).numpy(), want, rtol=1e-6)
+
+
+def test_forte_kde_is_scipys_gaussian_kde_with_their_bandwidth_choice():
+    from scipy.stats import gaussian_kde
+
+    gen = np.random.default_rng(5)
+    z = gen.normal(size=(300, 4)) @ np.array(
+        [[1.0, 0.5, 0, 0], [0, 1.0, 0.3, 0], [0, 0, 2.0, 0], [0.2, 0, 0, 0.5]]
+    )
+    queries = gen.normal(size=(50, 4)) * 1.5
+    whiten, kde = kde_whitening(z)
+    # their evaluate_kde: the bandwidth rule with the higher mean training log-density
+    theirs = max(
+        (gaussian_kde(z.T, bw_method=bw) for bw in ("scott", "silverman")),
+        key=lambda k: k.logpdf(z.T).mean(),
+    )
+    assert kde.bandwidth == pytest.approx(theirs.factor)
+    gap = kde.score_samples(queries @ whiten) - theirs.logpdf(queries.T)
+    np.testing.assert_allclose(gap, gap[0], atol=1e-9)  # the same density up to a constant
+    constant = np.column_stack([z[:, :3], np.zeros(300)])  # scipy's would be singular
+    whiten, kde = kde_whitening(constant)
+    assert np.isfinite(kde.score_samples(queries @ whiten)).all()
 
 
 def test_forte_reference_radii_make_scores_independent_of_the_batch():

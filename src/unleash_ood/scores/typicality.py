@@ -131,8 +131,8 @@ class Forte(Scorer):
     set of the same distribution as the references, a query's ball holds about ``k``
     references wherever it lies, so recall is about ``k / M`` and coverage about 1 for every
     sample, and the score rests on precision and density, which are 0 for every sample outside
-    all reference balls however far it is (on the shipped fmnist model: AUROC 66 with fixed
-    radii, 91 with ``batch`` radii and the KDE, 95 with ``batch`` and the GMM; KNN 97; see
+    all reference balls however far it is (on the shipped fmnist model: AUROC 65 with fixed
+    radii, 90 with ``batch`` radii and the KDE, 95 with ``batch`` and the GMM; KNN 97; see
     ``benchmarks/RESULTS.md``). Under ``batch`` radii the radii also shrink as the scored set
     grows, so ID sets of other sizes than the fit half get shifted statistics.
 
