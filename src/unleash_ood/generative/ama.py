@@ -4,8 +4,8 @@ Detection with Adversarial Mirrored AutoEncoders", UAI 2021; code somepago/AMA `
 
 An encoder E and a generator G form an autoencoder; a Wasserstein critic D sees *mirrored
 pairs*, an image stacked channel-wise with itself, ``(x, x)``, or with its reconstruction,
-``(x, G(E(x)))``. Per batch, as the authors' code (their OOD setting: every training image is
-normal, no gradient penalty, plain convolutions):
+``(x, G(E(x)))``. Per batch, as the authors' code with its command-line defaults (every
+training image normal, no gradient penalty, plain convolutions):
 
 - the critic takes ``critic_steps`` (5) steps on ``-D(x, x) + D(x, G(E(x)))`` (batch means,
   the reconstruction held fixed);
@@ -23,6 +23,12 @@ initialisations; images are scaled to [-1, 1]. Adam lr 3e-4 with betas (0, 0.9) 
 and generator and (0.5, 0.9) for the encoder, batch 256, 100 epochs.
 
 Deviations:
+- The README's OOD command adds to those defaults spectral norm on every critic layer, a
+  gradient penalty of weight 10 (their own form: only the second image of the pair
+  interpolated, the norm taken per pixel over channels) and, with ``--anom_pc 0.1
+  --anom_recon_lambda 5``, labelled anomalies (SVHN training images) pushed away in training,
+  which makes it semi-supervised; none of the three is offered here, so the critic is the
+  unconstrained one of their defaults.
 - Widths are CPU-sized by default: encoder base 16 (theirs 32), generator 64 (256), critic
   64 (128), latent 64 (128); pass the authors' with ``--model-arg``.
 - Images smaller than 32 (Fashion-MNIST's 28) are padded with black to 32, the side their

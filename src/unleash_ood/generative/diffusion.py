@@ -12,7 +12,9 @@ Deviations: the UNet is CPU-sized (two resolutions, one residual block each, bas
 with GroupNorm and a sinusoidal time embedding; theirs is improved-diffusion's UNet with
 width 128, three residual blocks per resolution and attention); it predicts the noise only
 (no learned variance, which DDIM does not use); training runs for epochs, not their 500k
-iterations. The validation loss (``forward``) is the noise-prediction error at 10 evenly
+iterations; the model is the trained weights themselves, where theirs keeps an exponential
+moving average of them (rate 0.9999) and DiffPath's released checkpoint is that average.
+The validation loss (``forward``) is the noise-prediction error at 10 evenly
 spaced timesteps with noise from a fixed seed, so it is deterministic.
 """
 

@@ -14,16 +14,24 @@ classifier checkpoints, exact resume) rather than the detector trainer, whose mo
 labels, with Adam in place of its SGD (:class:`FinetuneTrainer`): BEiT fine-tunes with AdamW,
 and SGD leaves a small ViT far behind (on 6,000 Fashion-MNIST images, 3 epochs: 43 % validation
 accuracy at SGD lr 0.05 against 69 % with Adam lr 1e-3). Deviations from MOOD's fine-tuning
-(BEiT's: AdamW with decoupled weight decay 0.05, layer-wise lr decay 0.65-0.9, 5 warm-up
-epochs, drop path, RandAugment, mixup/cutmix, label smoothing 0.1, 100 epochs): Adam betas
+(its README's command: AdamW at lr 2e-5 with weight decay 1e-8, layer-wise lr decay 0.9, 5
+warm-up epochs, drop path 0.4, RandAugment, label smoothing 0.1, 100 epochs): Adam betas
 (0.9, 0.999) without weight decay (the trainer's is coupled L2), no layer decay, warm-up or
 regularisers, cosine decay, the stage-1 augmentation, ``finetune_epochs`` (default 30) at
 ``finetune_lr`` (default 1e-3).
 
 MOOD scores with SSD's Mahalanobis distance to one Gaussian of all L2-normalised training
-features (``eval_with_features.py``, ``--metric mahalanobis``); the default here is the
-library's ``mahalanobis`` (class means, tied covariance, Lee et al. 2018) on the raw features,
-and any other scorer can be asked for.
+features (``eval_with_features.py``, ``--metric mahalanobis``), whose training features it
+extracts with the training augmentation on (RandAugment, colour jitter, random erasing,
+crops); the default here is the library's ``mahalanobis`` (class means, tied covariance, Lee
+et al. 2018) on the raw features of unaugmented images, and any other scorer can be asked
+for; SSD's single Gaussian is not among them. The features are the mean of the tokens each
+normalised by the last LayerNorm, where theirs normalise the mean (``fc_norm``).
+
+Stage 1 differs most: MOOD fine-tunes BEiT weights pretrained on ImageNet-22k (its README),
+optionally after more masked-image modelling on the ID data, with DALL-E tokens as targets;
+here stage 1 is masked-image modelling on the ID training images alone, from scratch, with
+pixel targets (:mod:`.mim`).
 
 Not offered: BEiT's released weights in place of stage 1. They are ViT-B/16 and ViT-L/16 at
 224x224 (86M / 304M parameters) with relative position biases, layer scale and a CLS token,

@@ -112,10 +112,11 @@ DEFAULT_RECIPES: dict[str, DetectorRecipe] = {
         schedule="constant",
         augment="none",
     ),
-    # MOOD's stage 1, BEiT's pretraining recipe (run_beit_pretraining.py, as MOOD uses it):
-    # Adam betas (0.9, 0.999), gradient norm clipped to 3, cosine decay, crop and flip. Its lr
-    # 1.5e-3 is for batch 2048 over 800 epochs; a small ViT on batch 256 takes 1e-3 here, and
-    # neither its 10 warm-up epochs nor AdamW's decoupled weight decay 0.05 exist in this
+    # MOOD's stage 1 after BEiT's README recipe: Adam betas (0.9, 0.999), gradient norm
+    # clipped to 3, cosine decay; crop and flip (BEiT adds colour jitter and random resized
+    # crops). Its lr 1.5e-3 is for batch 2048 over 800 epochs (MOOD's script defaults: lr 5e-4,
+    # batch 64, 300 epochs, no clipping); a small ViT on batch 256 takes 1e-3 here, and
+    # neither the warm-up epochs nor AdamW's decoupled weight decay 0.05 exist in this
     # trainer (Adam's coupled L2 of 0.05 would be far stronger), so weight decay is 0.
     "mim": DetectorRecipe(
         model="mim",
