@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from unleash_ood.generative.score_test import (
     per_sample_gradients,
     statistic,
 )
-from unleash_ood.generative.vae import VAE, lossy_input
+from unleash_ood.generative.vae import ELBO, VAE, lossy_input
 from unleash_ood.models import create_model
 
 TINY_VAE = {"width": 2, "latent": 3}
@@ -158,7 +159,7 @@ def test_per_sample_gradients_match_one_backward_per_image() -> None:
 
 def test_score_test_fits_and_scores_minus_the_statistic(tiny_benchmark) -> None:
     torch.manual_seed(0)
-    model = create_detector("vae", 1, 28, **TINY_VAE).eval()
+    model = create_detector("vae", 1, 28, lossy="none", **TINY_VAE).eval()
     score = ScoreTest(layers="to_mu.weight", samples=40, splits=1, batch_size=16)
     score.fit(model, tiny_benchmark.id_train, torch.device("cpu"))
     x = random_images(4)
@@ -196,6 +197,10 @@ def test_score_checks_refuse_what_the_model_cannot_give() -> None:
         ScoreTest(layers="head.weight").check(plain)
     with pytest.raises(UserError, match="do not split into 3 blocks"):
         ScoreTest(splits=3).check(plain)
+    restoring = create_detector("vae", 1, 28, **TINY_VAE)  # lossy=downsample
+    for score in (ScoreTest(), ELBO()):
+        with pytest.raises(UserError, match=r"needs a plain VAE.*--model-arg lossy=none"):
+            score.check(restoring)
 
 
 def train_argv(run, epochs: int, *extra: str) -> list[str]:
@@ -220,37 +225,32 @@ def test_detector_train_resumes_exactly_and_evaluates(
     assert main(train_argv(straight, 2)) == 2
     assert "already holds a training run" in capsys.readouterr().err
 
-    out = tmp_path / "eval"
-    code = main(
-        [
-            "detector",
-            "evaluate",
-            "--from",
-            str(straight),
-            "--scores",
-            "error_reduction,elbo,score_test:samples=32:splits=2:batch_size=32",
-            "--splits",
-            "test",
-            "--out",
-            str(out),
-            "--device",
-            "cpu",
-            "--no-progress",
-        ]
-    )
-    printed, err = capsys.readouterr()
-    assert code == 0, err
+    def evaluate(run: Path, scores: str) -> tuple[int, str, list[dict]]:
+        out = run / "eval"
+        argv = ["detector", "evaluate", "--from", str(run), "--scores", scores]
+        code = main([*argv, "--splits", "test", "--out", str(out), "--device", "cpu"])
+        printed, err = capsys.readouterr()
+        rows = json.loads((out / "metrics.json").read_text())["rows"] if code == 0 else []
+        return code, printed + err, rows
+
+    code, printed, rows = evaluate(straight, "all")  # a restoring VAE's: error_reduction
+    assert code == 0, printed
     assert {"metrics.json", "metrics.md", "metrics.csv", "histograms.png", "config.json"} <= {
-        p.name for p in out.iterdir()
+        p.name for p in (straight / "eval").iterdir()
     }
-    rows = json.loads((out / "metrics.json").read_text())["rows"]
-    assert {r["scorer"] for r in rows} == {"error_reduction", "elbo", "score_test"}
+    assert {r["scorer"] for r in rows} == {"error_reduction"}
     assert {r["dataset"] for r in rows} >= {"mnist", "letters", "noise", "mean"}
-    assert all(0 <= r["auroc"] <= 1 for r in rows)
     assert "| error_reduction | mean |" in printed
-    assert json.loads((out / "config.json").read_text())["scores"]["error_reduction"] == {
-        "lam": 1.0
-    }
+    config = json.loads((straight / "eval" / "config.json").read_text())
+    assert config["scores"]["error_reduction"] == {"lam": 1.0}
+    # the likelihood scores need a plain VAE: refused on the restoring one, before any work
+    assert evaluate(resumed, "elbo")[0] == 2 and not (resumed / "eval").exists()
+    plain = tmp_path / "plain"
+    assert main(train_argv(plain, 1, "--model-arg", "lossy=none")) == 0
+    code, printed, rows = evaluate(plain, "elbo,score_test:samples=32:splits=2:batch_size=32")
+    assert code == 0, printed
+    assert {r["scorer"] for r in rows} == {"elbo", "score_test"}
+    assert all(0 <= r["auroc"] <= 1 for r in rows)
 
 
 def test_detector_commands_refuse_bad_input(

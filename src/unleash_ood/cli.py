@@ -791,6 +791,8 @@ def cmd_detector_evaluate(args: argparse.Namespace) -> None:
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     device = resolve_device(args.device)
     model, meta = load_detector(args.from_, device)
+    if (args.scores or "all") == "all":  # the kind's scores this model can give
+        scores = [s for s in scores if s.applies_to(model)]
     bench = load_benchmark(args.benchmark or meta.get("benchmark", "fmnist"), args.data_dir)
     if bench.image_shape != (meta["in_channels"], meta["input_size"], meta["input_size"]):
         raise UserError(
@@ -857,7 +859,8 @@ def _add_detector_commands(sub) -> None:
         "--scores",
         default=None,
         help="comma-separated scores with optional parameters (error_reduction:lam=2), or all "
-        "(the default); for a mim run classifier scorers, default mahalanobis",
+        "(the default: every score the detector can give); for a mim run classifier scorers, "
+        "default mahalanobis",
     )
     p.add_argument("--splits", default="test", help="OOD splits to report: test, val or val,test")
     p.add_argument("--out", required=True, help="run directory for tables and plots")

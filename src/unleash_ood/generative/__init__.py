@@ -1,9 +1,9 @@
 """OOD detectors that need no classifier: a generative model trained on ID images alone, and
 scores computed from it (higher = more ID-like, as everywhere).
 
-- ``vae`` (:mod:`.vae`): the VAE of Error Reduction, restoring lossy inputs; scores
-  ``error_reduction`` (:mod:`.error_reduction`), ``score_test`` (:mod:`.score_test`) and the
-  plain likelihood ``elbo``.
+- ``vae`` (:mod:`.vae`): the VAE of Error Reduction, restoring lossy inputs, scored by
+  ``error_reduction`` (:mod:`.error_reduction`); trained plain (``lossy=none``), scored by
+  ``score_test`` (:mod:`.score_test`) and its likelihood ``elbo``.
 - ``ama`` (:mod:`.ama`): AMA's encoder, generator and mirrored-pair critic; score ``ama``.
 - ``diffusion`` (:mod:`.diffusion`): a small unconditional diffusion model and its DDIM
   inversion; score ``diffpath`` (:mod:`.diffpath`).

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import nn
 
+from unleash_ood.errors import UserError
+
 if TYPE_CHECKING:
     from typing_extensions import Self
 
@@ -82,6 +84,14 @@ class DetectorScore:
 
     def check(self, model: GenerativeModel) -> None:
         """Raise a ``UserError`` when ``model`` cannot give this score (before any work)."""
+
+    def applies_to(self, model: GenerativeModel) -> bool:
+        """Whether ``model`` can give this score (what ``--scores all`` keeps)."""
+        try:
+            self.check(model)
+        except UserError:
+            return False
+        return True
 
     def fit(
         self, model: GenerativeModel, train: ImageSet, device: torch.device, progress: bool

@@ -17,8 +17,10 @@ Deviations from the authors' code, all so that a score is a deterministic functi
 - The lossy image's one-hot logits are built per pixel. The authors' ``xx[:, x_p[:]] = 1``
   sets, in every pixel's row, a 1 at every value that occurs anywhere in the lossy image, which
   the paper's definition does not describe.
-- PNG lengths come from Pillow (zlib), not OpenCV; the two encoders' headers differ by a
-  constant that cancels in L - L_d.
+- PNG lengths come from Pillow (zlib), not OpenCV (``cv2.imencode``, which also reads an RGB
+  tensor as BGR). The two encoders' lengths differ per image, not by a constant: on 1,000
+  Fashion-MNIST test images, L - L_d differed by -137 bits on average (std 71, up to 512)
+  against a spread of L - L_d itself of about 716 bits. OpenCV is not a dependency here.
 """
 
 from __future__ import annotations

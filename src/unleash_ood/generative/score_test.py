@@ -7,7 +7,8 @@ negative ELBO of x with respect to selected parameters, and F the Fisher informa
 gradients have on ID training data. An ID input sits near a stationary point of the training
 objective, so its statistic is small; the score is minus the statistic.
 
-As in the authors' code:
+As in the authors' code of May 2021 (commit 38b0034, its Sherman-Morrison version):
+- the VAE is a plain one (``lossy=none``; a restoring VAE is refused);
 - the negative ELBO decodes the posterior mean (their one-sample setting);
 - F is block-diagonal: each output unit's weight row is cut into ``splits`` equal blocks, and
   each block's Fisher is ``(1e-3 I + sum_i g_i g_i^T) / n`` over ``n`` ID training images
@@ -16,9 +17,16 @@ As in the authors' code:
 - each layer's statistic, summed over its blocks, is divided by
   ``2 sqrt(blocks * d * d)`` (``d`` the block size).
 
-Deviations: the layers' normalised statistics are summed into one score (the authors report
-them per layer); the default layer is the decoder's output convolution; per-sample gradients
+Deviations: the layers' normalised statistics are summed into one score (that code reports
+them per layer); the default layer is the decoder's output convolution (their run used the
+encoder's first convolution, ``encoder.0.weight`` here) and the Fisher comes from the first
+1,000 training images (their run drew 10,000 at random, flipped for CIFAR); per-sample gradients
 come from ``torch.func`` in batches instead of one image per backward pass (the same values).
+Their released code replaced this version: an EKFAC approximation of the Fisher over all the
+encoder's convolutions (biases included), each layer's statistic standardised by its mean and
+standard deviation over the Fisher images, and the maximum over layers (``ekfac(max)``); that
+is not implemented here. Their VAE is Likelihood Regret's DCGAN VAE, not this architecture
+(see :mod:`unleash_ood.generative.vae`).
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ from unleash_ood.data.base import ImageSet
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
 from unleash_ood.generative.base import DetectorScore
-from unleash_ood.generative.vae import VAE
+from unleash_ood.generative.vae import VAE, require_plain
 
 DAMPING = 1e-3  # the authors' 1000 I starting inverse
 
@@ -78,7 +86,8 @@ def statistic(g: torch.Tensor, chol: torch.Tensor) -> torch.Tensor:
 class ScoreTest(DetectorScore):
     """Minus the Fisher-weighted gradient statistic; ``layers`` are parameter names joined by
     ``+`` (e.g. ``out.weight+decoder.1.weight``), ``samples`` the ID training images the
-    Fisher is estimated from (the authors' 1000), ``splits`` the blocks per output unit."""
+    Fisher is estimated from (the default of the authors' function; their run took 10,000),
+    ``splits`` the blocks per row of the weight's first dimension."""
 
     layers: str = "out.weight"
     samples: int = 1000
@@ -93,6 +102,7 @@ class ScoreTest(DetectorScore):
         return [n.strip() for n in self.layers.split("+") if n.strip()]
 
     def check(self, model: VAE) -> None:
+        require_plain(model, self.name)
         params = dict(model.named_parameters())
         for name in self.names():
             if name not in params:

@@ -11,8 +11,14 @@ Zeng & Liu (2023, "Unsupervised Out-of-Distribution Detection by Restoring Lossy
 Variational Autoencoder") train it to restore a lossy input to the original: the encoder sees
 ``lossy(x)``, the decoder's categorical likelihood is scored against ``x``. Their default lossy
 operation, used here, is nearest-neighbour downsampling to a quarter of the side and back.
-With ``lossy="none"`` the model is the plain VAE that Choi et al. (2021) test. Their random
-patch masking is not offered: it would make a score depend on the mask drawn.
+Their random patch masking is not offered: it would make a score depend on the mask drawn.
+
+With ``lossy="none"`` the model is a plain VAE of the same architecture, which the likelihood
+scores (``elbo``, ``score_test``) need: on a restoring VAE the "ELBO" would be the likelihood
+of ``x`` given ``lossy(x)``, not of ``x``. Choi et al. (2021) test Likelihood Regret's DCGAN
+VAE instead (batch norm, ReLU, 4x4 stride-2 convolutions, Fashion-MNIST resized to 32x32,
+trained with horizontal flips at Adam lr 1e-3 halved every 30 epochs for 100 epochs), which is
+not offered here.
 """
 
 from __future__ import annotations
@@ -150,6 +156,15 @@ class VAE(GenerativeModel):
         return [enc, [*self.decoder.parameters(), *self.out.parameters()]]
 
 
+def require_plain(model: VAE, score: str) -> None:
+    """Refuse a likelihood score on a VAE trained to restore lossy inputs."""
+    if model.lossy != "none":
+        raise UserError(
+            f"{score} needs a plain VAE (this one restores lossy={model.lossy} inputs, so its "
+            f"ELBO is not the likelihood of the image); train one with --model-arg lossy=none"
+        )
+
+
 @dataclass
 class ELBO(DetectorScore):
     """The plain likelihood score: minus the negative ELBO (decoder at the posterior mean),
@@ -159,6 +174,9 @@ class ELBO(DetectorScore):
 
     name: ClassVar[str] = "elbo"
     kinds: ClassVar[tuple[str, ...]] = ("vae",)
+
+    def check(self, model: VAE) -> None:
+        require_plain(model, self.name)
 
     @torch.no_grad()
     def score_batch(self, model: VAE, x: torch.Tensor) -> torch.Tensor:
