@@ -55,13 +55,13 @@ KINDS = ("vae", "vae-plain", "ama", "diffusion", "mim")
 # The detector kind and model options each run kind trains with.
 DETECTOR = {"vae-plain": ("vae", ["--model-arg", "lossy=none"])}
 # What each kind's evaluation scores: its own scores, or for MOOD's fine-tuned ViT the
-# classifier scores (Mahalanobis is the paper's).
+# classifier scores (SSD's single Gaussian is the paper's).
 KIND_SCORES = {
     "vae": "error_reduction",
     "vae-plain": "elbo,score_test",
     "ama": "all",
     "diffusion": "all",
-    "mim": "mahalanobis,knn,energy,msp",
+    "mim": "ssd,mahalanobis,knn,energy,msp",
 }
 
 

@@ -199,10 +199,10 @@ def test_mim_trains_both_stages_resumes_exactly_and_evaluates(
         p.name for p in out.iterdir()
     }
     rows = json.loads((out / "metrics.json").read_text())["rows"]
-    assert {r["scorer"] for r in rows} == {"mahalanobis"}
+    assert {r["scorer"] for r in rows} == {"ssd"}  # MOOD's own score by default
     assert {r["dataset"] for r in rows} >= {"mnist", "letters", "mean"}
     assert all(0 <= r["auroc"] <= 1 for r in rows)
-    assert "| mahalanobis | mean |" in printed
+    assert "| ssd | mean |" in printed
 
     out2 = tmp_path / "eval2"
     ckpt = straight / "finetune" / "checkpoints" / "epoch_001"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -24,7 +25,7 @@ ALL_NAMES = [
     "msp", "maxlogit", "energy", "gen", "odin", "mahalanobis", "knn", "vim", "react", "ash_s",
     "ash_b", "dice", "entropy", "tempscale", "klm", "gradnorm", "she", "openmax", "rmds",
     "residual", "nnguide", "relation", "fdbd", "nci", "ash_p", "scale", "vra", "mode", "forte",
-    "rankfeat", "mahalanobis_layers", "gram",
+    "rankfeat", "mahalanobis_layers", "gram", "ssd",
 ]  # fmt: skip
 
 
@@ -106,6 +107,27 @@ def test_mahalanobis():
     # Shared covariance diag(0.5, 0.5) -> precision diag(2, 2).
     scores = scorer.score(outs([[1.0, 1.0], [7.0, 0.0]]), linear([[1.0, 1.0]]))
     assert close(scores, [-4.0, -18.0])
+
+
+def test_ssd_is_one_gaussian_of_the_normalised_features():
+    # normalised: (1, 0), (0, 1), (-1, 0), (0, -1); mean 0, biased covariance diag(0.5, 0.5)
+    train = outs([[2.0, 0.0], [0.0, 3.0], [-5.0, 0.0], [0.0, -1.0]], labels=[0, 0, 0, 1])
+    head = linear([[1.0, 1.0]])
+    scores = make_scorer("ssd").fit(train, head).score(outs([[3.0, 4.0], [0.3, 0.0]]), head)
+    assert close(scores, [-2.0, -2.0])  # every unit vector: 2 * |x|^2
+
+
+def test_ssd_matches_moods_one_cluster_score():
+    # dvlab-research/MOOD ood_utils.py get_scores_one_cluster on L2-normalised features
+    rng = np.random.default_rng(0)
+    ftrain, ftest = rng.normal(size=(200, 6)) + 1, rng.normal(size=(30, 6))
+    ftrain = ftrain / (np.linalg.norm(ftrain, axis=-1, keepdims=True) + 1e-10)
+    unit_test = ftest / (np.linalg.norm(ftest, axis=-1, keepdims=True) + 1e-10)
+    centred = unit_test - ftrain.mean(0, keepdims=True)
+    theirs = np.sum(centred * np.linalg.pinv(np.cov(ftrain.T, bias=True)).dot(centred.T).T, -1)
+    head = linear([[1.0] * 6])
+    scorer = make_scorer("ssd").fit(outs(rng.permutation(ftrain) * 3), head)
+    np.testing.assert_allclose(scorer.score(outs(ftest), head).numpy(), -theirs, rtol=1e-5)
 
 
 def test_knn_normalises_and_takes_kth_neighbour():
@@ -199,7 +221,7 @@ def test_registry_names_and_flags():
     assert {n for n, c in SCORERS.items() if c.requires_fit} == {
         "mahalanobis", "knn", "vim", "react", "dice", "tempscale", "klm", "she", "openmax",
         "rmds", "residual", "nnguide", "relation", "fdbd", "nci", "vra", "mode",
-        "forte", "mahalanobis_layers", "gram"}  # fmt: skip
+        "forte", "mahalanobis_layers", "gram", "ssd"}  # fmt: skip
     assert [n for n, c in SCORERS.items() if c.needs_model] == ["odin"]
     assert scorer_params("gen") == {"gamma": 0.1, "m": 100}
     assert scorer_params("msp") == {}

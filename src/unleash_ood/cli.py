@@ -860,7 +860,7 @@ def _add_detector_commands(sub) -> None:
         default=None,
         help="comma-separated scores with optional parameters (error_reduction:lam=2), or all "
         "(the default: every score the detector can give); for a mim run classifier scorers, "
-        "default mahalanobis",
+        "default ssd (MOOD's score)",
     )
     p.add_argument("--splits", default="test", help="OOD splits to report: test, val or val,test")
     p.add_argument("--out", required=True, help="run directory for tables and plots")

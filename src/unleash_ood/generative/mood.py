@@ -23,9 +23,9 @@ regularisers, cosine decay, the stage-1 augmentation, ``finetune_epochs`` (defau
 MOOD scores with SSD's Mahalanobis distance to one Gaussian of all L2-normalised training
 features (``eval_with_features.py``, ``--metric mahalanobis``), whose training features it
 extracts with the training augmentation on (RandAugment, colour jitter, random erasing,
-crops); the default here is the library's ``mahalanobis`` (class means, tied covariance, Lee
-et al. 2018) on the raw features of unaugmented images, and any other scorer can be asked
-for; SSD's single Gaussian is not among them. The features are the mean of the tokens each
+crops); the default here is that score, ``ssd``, on the features of unaugmented images, and
+any other scorer can be asked for (``mahalanobis``, class-conditional, was the default
+before). The features are the mean of the tokens each
 normalised by the last LayerNorm, where theirs normalise the mean (``fc_norm``).
 
 Stage 1 differs most: MOOD fine-tunes BEiT weights pretrained on ImageNet-22k (its README),
@@ -80,7 +80,7 @@ FINETUNE_DIR = "finetune"
 FINETUNE_EPOCHS = 30
 FINETUNE_LR = 1e-3
 ADAM_BETA2 = 0.999
-DEFAULT_SCORES = "mahalanobis"
+DEFAULT_SCORES = "ssd"
 
 
 def finetune_recipe(

@@ -12,7 +12,7 @@ from unleash_ood.errors import UserError
 from unleash_ood.scores.activation import ASHP, SCALE, VRA
 from unleash_ood.scores.base import Scorer
 from unleash_ood.scores.boundary import FDBD, NCI
-from unleash_ood.scores.distance import KNN, Mahalanobis
+from unleash_ood.scores.distance import KNN, SSD, Mahalanobis
 from unleash_ood.scores.gram import Gram
 from unleash_ood.scores.layers import LayerMahalanobis
 from unleash_ood.scores.multiscale import MODE
@@ -31,13 +31,14 @@ from unleash_ood.scores.vim import ViM
 # Display order: the first twelve as before, then the later ones by family: probabilities,
 # the gradient norm, class prototypes, feature distances and geometry, activation shaping,
 # then the related systems that read the feature map (MODE) or typicality (Forte), and
-# the other feature-map scorers: RankFeat, multi-layer Mahalanobis and Gram.
+# the other feature-map scorers: RankFeat, multi-layer Mahalanobis and Gram; then SSD's single
+# Gaussian (MOOD's score).
 SCORERS: dict[str, type[Scorer]] = {
     cls.name: cls
     for cls in (
         MSP, MaxLogit, Energy, GEN, ODIN, Mahalanobis, KNN, ViM, ReAct, ASHS, ASHB, DICE,
         Entropy, TempScale, KLM, GradNorm, SHE, OpenMax, RMDS, Residual, NNGuide, Relation,
-        FDBD, NCI, ASHP, SCALE, VRA, MODE, Forte, RankFeat, LayerMahalanobis, Gram,
+        FDBD, NCI, ASHP, SCALE, VRA, MODE, Forte, RankFeat, LayerMahalanobis, Gram, SSD,
     )
 }  # fmt: skip
 
@@ -58,6 +59,7 @@ __all__ = [
     "SCALE",
     "SCORERS",
     "SHE",
+    "SSD",
     "VRA",
     "Energy",
     "Entropy",

@@ -1,4 +1,5 @@
-"""Distances to the ID training features: Mahalanobis (class-conditional) and k-NN."""
+"""Distances to the ID training features: Mahalanobis (class-conditional), SSD's single Gaussian
+and k-NN."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from unleash_ood.outputs import Outputs
 from unleash_ood.scores.base import Scorer, check_range
 from unleash_ood.scores.stats import (
     block_map,
+    block_sum,
     class_means,
     shared_covariance,
     squared_mahalanobis,
@@ -62,6 +64,48 @@ class Mahalanobis(Scorer):
             return -sq.min(dim=1).values
 
         return block_map(closest, outputs.features)
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm, in float64."""
+    return F.normalize(x.double(), dim=1)
+
+
+@dataclass
+class SSD(Scorer):
+    """Negative Mahalanobis distance to one Gaussian of all L2-normalised ID training features,
+    labels unused: SSD's score with one cluster (Sehwag, Chiang and Mittal, ICLR 2021), the
+    score MOOD gives its fine-tuned ViT (dvlab-research/MOOD, ``ood_utils.py``,
+    ``get_scores_one_cluster``): the mean and the biased covariance (``np.cov(bias=True)``) of
+    the normalised training features, its pseudo-inverse, in float64. Deviation: MOOD extracts
+    the training features with its training augmentation on; here they are the clean images'.
+    """
+
+    name = "ssd"
+    requires_fit = True
+    mean_: torch.Tensor | None = field(default=None, init=False, repr=False)
+    precision_: torch.Tensor | None = field(default=None, init=False, repr=False)
+
+    def fit(self, train: Outputs, head: nn.Linear) -> SSD:
+        n = len(train.features)
+        mean = block_sum(lambda x: unit_rows(x).sum(0), train.features) / n
+
+        def scatter(x: torch.Tensor) -> torch.Tensor:
+            centred = unit_rows(x) - mean
+            return centred.T @ centred
+
+        covariance = block_sum(scatter, train.features) / n
+        self.precision_ = torch.linalg.pinv(covariance, hermitian=True)
+        self.mean_ = mean
+        return self
+
+    def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:
+        self._check_fitted()
+        mean = self.mean_[None]
+        return block_map(
+            lambda x: -squared_mahalanobis(unit_rows(x), mean, self.precision_)[:, 0],
+            outputs.features,
+        )
 
 
 def top_candidates(
