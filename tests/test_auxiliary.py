@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from unleash_ood.data import bundled
@@ -92,15 +93,16 @@ def test_imagenet_batches_stream_a_uniform_subset(tmp_path: Path, kind: str) -> 
 def test_imagenet_outliers_are_padded_random_crops_as_the_official_code_takes_them() -> None:
     # data/imagenet_oe.py: RandomCrop(32, padding=4) of each 64 x 64 image
     data = np.arange(2 * 3 * 64 * 64).reshape(2, 3, 64, 64).astype(np.uint8)
-    crops = padded_crops(data, 32, np.random.default_rng(0))
-    dy, dx = np.random.default_rng(0).integers(0, 64 + 8 - 32 + 1, (2, 2))
+    crops = padded_crops(data, 32, torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(0)
+    dy, dx = (torch.randint(0, 64 + 8 - 32 + 1, (2,), generator=g) for _ in range(2))
     padded = np.pad(data, ((0, 0), (0, 0), (4, 4), (4, 4)))
     for i in range(2):
         np.testing.assert_array_equal(
             crops[i], padded[i, :, dy[i] : dy[i] + 32, dx[i] : dx[i] + 32]
         )
     small = np.zeros((2, 3, 8, 8), np.uint8)
-    assert padded_crops(small, 32, np.random.default_rng(0)) is small  # resized whole later
+    assert padded_crops(small, 32, torch.Generator()) is small  # resized whole later
 
 
 def test_imagenet_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:

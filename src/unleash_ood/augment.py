@@ -13,14 +13,18 @@ import torch.nn.functional as F
 from unleash_ood.specs import AUGMENTATIONS as AUGMENTATIONS
 
 
-def random_crop(x: torch.Tensor, padding: int, g: torch.Generator) -> torch.Tensor:
-    """Zero-pad by ``padding`` and crop back to the original size at a random offset per image."""
+def random_crop(
+    x: torch.Tensor, padding: int, g: torch.Generator, size: int | None = None
+) -> torch.Tensor:
+    """Zero-pad by ``padding`` and crop to ``size`` (default: the original size) at a random
+    offset per image, as torchvision's ``RandomCrop(size, padding)``."""
     n, _, h, w = x.shape
+    out_h, out_w = (h, w) if size is None else (size, size)
     padded = F.pad(x, (padding,) * 4)
-    dy = torch.randint(0, 2 * padding + 1, (n,), generator=g)
-    dx = torch.randint(0, 2 * padding + 1, (n,), generator=g)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    dy = torch.randint(0, h + 2 * padding - out_h + 1, (n,), generator=g)
+    dx = torch.randint(0, w + 2 * padding - out_w + 1, (n,), generator=g)
+    rows = (dy[:, None] + torch.arange(out_h))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(out_w))[:, None, None, :]
     batch = torch.arange(n)[:, None, None, None]
     chans = torch.arange(x.shape[1])[None, :, None, None]
     return padded[batch, chans, rows, cols]

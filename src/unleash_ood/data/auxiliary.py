@@ -27,10 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from unleash_ood.augment import random_crop
 from unleash_ood.data.base import ImageSet, cached_array, to_format
 from unleash_ood.data.bundled import AUX_SET
 from unleash_ood.data.formats import list_images, load_image_folder, load_pickle, signature
 from unleash_ood.errors import UserError
+from unleash_ood.rng import torch_generator
 
 BUNDLED = "bundled"
 BATCH_GLOB = "*data_batch_*"
@@ -84,20 +86,13 @@ def read_imagenet_batch(path: Path) -> np.ndarray:
     return data.reshape(-1, 3, side, side)
 
 
-def padded_crops(data: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+def padded_crops(data: np.ndarray, size: int, g: torch.Generator) -> np.ndarray:
     """Uint8 ``(N, C, S, S)`` cut to ``(N, C, size, size)`` by torchvision's ``RandomCrop(size,
-    padding=4)``: zero-pad by 4, then crop at an offset drawn per image from ``rng``. Left
-    whole (to be resized) where ``S + 8 < size``."""
-    room = data.shape[-1] + 2 * CROP_PADDING - size
-    if room < 0:
+    padding=4)`` (:func:`~unleash_ood.augment.random_crop`, offsets from ``g``). Left whole (to
+    be resized) where ``S + 8 < size``."""
+    if data.shape[-1] + 2 * CROP_PADDING < size:
         return data
-    n, c = data.shape[:2]
-    dy, dx = rng.integers(0, room + 1, (2, n))
-    pad = (CROP_PADDING, CROP_PADDING)
-    padded = np.pad(data, ((0, 0), (0, 0), pad, pad))
-    rows = (dy[:, None] + np.arange(size))[:, None, :, None]
-    cols = (dx[:, None] + np.arange(size))[:, None, None, :]
-    return padded[np.arange(n)[:, None, None, None], np.arange(c)[None, :, None, None], rows, cols]
+    return random_crop(torch.from_numpy(data), CROP_PADDING, g, size).numpy()
 
 
 def read_imagenet_batches(
@@ -106,7 +101,7 @@ def read_imagenet_batches(
     """A uniform random subset of ``limit`` rows over all batch files, read one at a time, each
     cut by :func:`padded_crops` (its offsets drawn for every row, so they do not depend on
     which rows are kept)."""
-    rng, crop_rng = np.random.default_rng(seed), np.random.default_rng([seed, 1])
+    rng, crop_rng = np.random.default_rng(seed), torch_generator(seed, "aux-crop")
     keys = np.empty(0)
     kept = torch.empty(0, channels, size, size, dtype=torch.uint8)
     for path in files:
