@@ -11,6 +11,8 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
 from unleash_ood.evaluate import CHANCE, Evaluation
 from unleash_ood.metrics import METRIC_NAMES
@@ -162,7 +164,11 @@ def plot_histograms(
     ev: Evaluation, path: Path, split: str = "test", model: str | None = None
 ) -> None:
     """One row per scorer, one panel per OOD set: ID vs OOD score histograms; ``model``
-    names the model in the title."""
+    names the model in the title.
+
+    Each histogram is one filled step outline (``stairs``), not a bar per bin, and the margins
+    are fixed in inches rather than found by ``tight_layout``: with every scorer (over 150
+    panels) this draws in a fraction of the time, at the same look."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
@@ -170,11 +176,18 @@ def plot_histograms(
     if not by_scorer:
         return
     ood_names = [n for n in next(iter(by_scorer.values())) if n != "id"]
-    fig, axes = plt.subplots(
-        len(by_scorer),
-        len(ood_names),
-        squeeze=False,
-        figsize=(2.6 * len(ood_names), 1.9 * len(by_scorer)),
+    about = f"{model} on {ev.benchmark}" if model else ev.benchmark
+    title = f"{about}: score histograms, ID ({split}) vs each OOD set"
+    # Wide enough for the title (about 0.07 inch a character at 9 points) with few OOD sets.
+    width, height = max(2.6 * len(ood_names), 0.07 * len(title)), 1.9 * len(by_scorer)
+    fig, axes = plt.subplots(len(by_scorer), len(ood_names), squeeze=False, figsize=(width, height))
+    fig.subplots_adjust(
+        left=0.3 / width,
+        right=1 - 0.1 / width,
+        bottom=0.3 / height,
+        top=1 - 0.6 / height,
+        wspace=0.1,
+        hspace=0.45,
     )
     for i, (scorer, scores) in enumerate(by_scorer.items()):
         for j, name in enumerate(ood_names):
@@ -182,8 +195,9 @@ def plot_histograms(
             lo = min(scores["id"].min(), scores[name].min())
             hi = max(scores["id"].max(), scores[name].max())
             bins = 50 if hi > lo else 1
-            ax.hist(scores["id"], bins=bins, range=(lo, hi), alpha=0.55, density=True, label="ID")
-            ax.hist(scores[name], bins=bins, range=(lo, hi), alpha=0.55, density=True, label="OOD")
+            for values, label in ((scores["id"], "ID"), (scores[name], "OOD")):
+                counts, edges = np.histogram(values, bins=bins, range=(lo, hi), density=True)
+                ax.stairs(counts, edges, fill=True, alpha=0.55, label=label)
             ax.set_yticks([])
             # Three ticks at most: scores such as ODIN's differ in the fifth digit, and more
             # ticks of such long labels overlap in a narrow panel.
@@ -194,9 +208,7 @@ def plot_histograms(
             if j == 0:
                 ax.set_ylabel(scorer, fontsize=8)
     axes[0, 0].legend(fontsize=6)
-    about = f"{model} on {ev.benchmark}" if model else ev.benchmark
-    fig.suptitle(f"{about}: score histograms, ID ({split}) vs each OOD set", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))
+    fig.suptitle(title, fontsize=9, y=1 - 0.08 / height, va="top")
     save_figure(fig, path)
 
 
