@@ -2,7 +2,8 @@
 Energy patterns on the frozen model), WOODS and SCONE (fine-tunes on a wild mix), beside the
 plain fine-tune with the same recipe and the starting model itself.
 
-    python benchmarks/related.py [--start fmnist_cnn] [--seeds 0 1 2] [--resume] [--smoke]
+    python benchmarks/related.py [--start fmnist_cnn] [--seeds 0 1 2] [--systems ...]
+                                 [--resume] [--smoke]
 
 Every arm runs as an ``unleash`` subprocess (``watermark``, ``finetune``, ``evaluate``), so its
 wall time and peak resident memory (``os.wait4``) are its own. Each model is evaluated with
@@ -10,7 +11,10 @@ MSP, Energy and a panel of post-hoc scorers on the OOD validation and test sets;
 post-hoc scorer of a model is the one with the best mean AUROC on the *validation* sets, and
 only its test figures are reported. Training arms run once per seed; the cost of a
 watermark is set against plain evaluation of the starting model, the cost of WOODS / SCONE
-against the plain CE fine-tune. ``--resume`` skips every arm whose outputs exist. ``--smoke``
+against the plain CE fine-tune. ``--resume`` skips every arm whose outputs exist.
+``--systems`` runs some systems only (a watermark costs far more than a ``paper-oe``
+fine-tune: 50 epochs of sharpness-aware steps on ID and noise batches); the tables hold every
+arm finished so far, run now or before. ``--smoke``
 runs the mechanics in minutes (one seed, one epoch, a small CNN pretrained on 1000 images, few
 scorers) into ``runs/related-smoke``; its figures are not results.
 
@@ -37,6 +41,7 @@ from unleash_ood.report import markdown_table, mean_std
 POSTHOC = "msp,energy,maxlogit,gen,mahalanobis,knn,vim,react,rmds,she"
 SMOKE_POSTHOC = "msp,energy,maxlogit,knn"
 WILD_PI = "0.1"
+SYSTEMS = ("start", "watermark-msp", "watermark-energy", "ce", "woods", "scone")
 
 
 def unleash(argv: list[str], log: Path) -> dict[str, float]:
@@ -98,22 +103,33 @@ def arms(args: argparse.Namespace) -> list[tuple[str, int | None, list[str] | No
     return listed
 
 
+def finished(folder: Path, trains: bool) -> bool:
+    """Whether an arm's training (if any) and evaluation both completed."""
+    parts = [folder / "eval" / "metrics.json", folder / "eval" / "cost.json"]
+    if trains:
+        parts += [folder / "run" / "checkpoints" / "final.json", folder / "run" / "cost.json"]
+    return all(part.exists() for part in parts)
+
+
 def run_all(args: argparse.Namespace) -> dict[str, list[dict]]:
+    """Run the arms of ``--systems`` and read back every other arm already finished."""
     common = ["--device", "cpu", "--no-progress", *args.data]
     scorers = SMOKE_POSTHOC if args.smoke else POSTHOC
     results: dict[str, list[dict]] = {}
     for name, seed, train in arms(args):
         folder = args.runs / (name if seed is None else f"{name}-seed{seed}")
+        selected = name in args.systems
+        if not selected and not finished(folder, train is not None):
+            continue
+        resume = args.resume or not selected
         checkpoint = Path(args.start)
         cost = None
         if train is not None:
             epochs = ["--epochs", str(args.epochs)] if args.epochs else []
             argv = [*train, *epochs, "--from", args.start, "--out", str(folder / "run"), *common]
             checkpoint = folder / "run" / "checkpoints" / "final"
-            cost = timed(folder / "run", argv, checkpoint.with_suffix(".json"), args.resume)
-        evaluation, eval_cost = evaluate_arm(
-            checkpoint, folder / "eval", common, scorers, args.resume
-        )
+            cost = timed(folder / "run", argv, checkpoint.with_suffix(".json"), resume)
+        evaluation, eval_cost = evaluate_arm(checkpoint, folder / "eval", common, scorers, resume)
         best = best_posthoc(evaluation)
         results.setdefault(name, []).append(
             {
@@ -140,9 +156,10 @@ def tables(results: dict[str, list[dict]]) -> str:
                 else f"best post-hoc ({'/'.join(sorted(set(key)))})"
             )
             cells = [mean_std([v[m] for v in vals]) for m in ("acc", *METRICS)]
-            rows.append([name, shown, *cells])
+            seeds = ",".join("-" if r["seed"] is None else str(r["seed"]) for r in runs)
+            rows.append([name, shown, seeds, *cells])
     metric_table = markdown_table(
-        ["system", "scorer", "ID acc", "AUROC", "FPR95 (ID+)", "FPR95 (OOD+)"], rows
+        ["system", "scorer", "seeds", "ID acc", "AUROC", "FPR95 (ID+)", "FPR95 (OOD+)"], rows
     )
     cost_rows = []
     for name, runs in results.items():
@@ -181,6 +198,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--start", default="fmnist_cnn", help="the well-trained model")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument(
+        "--systems",
+        type=lambda v: v.split(","),
+        default=list(SYSTEMS),
+        help=f"comma-separated, of {','.join(SYSTEMS)} (default: all)",
+    )
     p.add_argument("--epochs", type=int, default=None, help="override every arm's epochs")
     p.add_argument("--runs", type=Path, default=Path("runs/related"))
     p.add_argument("--out", default="benchmarks/results/related")
@@ -189,13 +212,17 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="mechanics only: figures are not results")
     args = p.parse_args()
     args.data = ["--data-dir", args.data_dir] if args.data_dir else []
+    unknown = sorted(set(args.systems) - set(SYSTEMS))
+    if unknown:
+        p.error(f"--systems takes {','.join(SYSTEMS)}, not {','.join(unknown)}")
     if args.smoke:
         smoke_start(args)
     results = run_all(args)
     title = "## Related systems on fmnist" + (" (SMOKE TEST: not results)" if args.smoke else "")
-    seeds = ", ".join(map(str, args.seeds))
     text = (
-        f"{title}\n\nFrom {args.start}; seeds {seeds}; mean ± std over seeds.\n\n{tables(results)}"
+        f"{title}\n\nFrom {args.start}; every arm finished so far (seeds per row; "
+        f"'-': the starting model, trained on nothing); mean ± std over seeds.\n\n"
+        f"{tables(results)}"
     )
     Path(f"{args.out}.md").parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(text)
