@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from conftest import finetune_argv
-from unleash_ood.cli import _recipe_from, build_parser, main
+from unleash_ood.cli import _finetune_recipe, _recipe_from, build_parser, main
 from unleash_ood.data.base import ImageSet
 from unleash_ood.data.noise import TrainingData, flip_labels, stratified_subset
 from unleash_ood.errors import UserError
@@ -46,6 +46,20 @@ def test_paper_recipes_match_the_official_configs() -> None:
         finetune_recipe("um", "long")
 
 
+def test_wild_recipes_match_the_authors_scripts() -> None:
+    # jkatzsam/woods_ood and deeplearning-wisc/scone, CIFAR/train.py and CIFAR/run.sh
+    woods, scone = RECIPES["woods"], RECIPES["scone"]
+    assert (woods.epochs, woods.batch_size, woods.lr, scone.lr) == (100, 128, 1e-3, 1e-4)
+    assert (woods.momentum, woods.nesterov, woods.weight_decay) == (0.9, True, 5e-4)
+    assert woods.schedule == scone.schedule == "halving"
+    # their code augments nothing, whatever the benchmark; an explicit --augment still wins
+    assert finetune_recipe("ce", "woods", benchmark="cifar10").augment == "none"
+    assert finetune_recipe("ce", "scone", benchmark="cifar10", augment="flip").augment == "flip"
+    args = ["finetune", "--from", "m", "--benchmark", "cifar10", "--recipe", "scone", "--out", "r"]
+    name, recipe = _finetune_recipe(build_parser().parse_args(args), "ce", outliers=True)
+    assert (name, recipe.augment, recipe.lr) == ("scone", "none", 1e-4)
+
+
 def test_the_benchmark_sets_the_augmentation_unless_one_is_given() -> None:
     # the official CIFAR pipeline (tmlr-group/Unleashing-Mask, data/cifar.py):
     # RandomCrop(32, padding=4) + RandomHorizontalFlip
@@ -58,10 +72,15 @@ def test_the_benchmark_sets_the_augmentation_unless_one_is_given() -> None:
         (["pretrain", "--benchmark", "cifar100", "--out", "r"], "crop+flip"),
         (["pretrain", "--out", "r"], "flip"),
         (["pretrain", "--benchmark", "cifar10", "--augment", "flip", "--out", "r"], "flip"),
-        (["finetune", "--from", "m", "--benchmark", "cifar10", "--out", "r"], "crop+flip"),
-        (["finetune", "--from", "m", "--augment", "crop", "--out", "r"], "crop"),
     ):
         assert _recipe_from(parser.parse_args(argv)).augment == augment, argv
+    for argv, augment in (
+        (["finetune", "--from", "m", "--benchmark", "cifar10", "--out", "r"], "crop+flip"),
+        (["finetune", "--from", "m", "--augment", "crop", "--out", "r"], "crop"),
+        (["finetune", "--from", "m", "--out", "r"], "flip"),
+    ):
+        _, recipe = _finetune_recipe(parser.parse_args(argv), "um", outliers=False)
+        assert recipe.augment == augment, argv
 
 
 @pytest.mark.parametrize(

@@ -47,6 +47,11 @@ def test_schedules() -> None:
     assert [r.lr_at(e) for e in (0, 3, 4, 5, 6, 7)] == pytest.approx(
         [0.1, 0.1, 0.01, 0.01, 0.001, 0.001]
     )
+    # WOODS / SCONE: MultiStepLR(milestones=[int(.5 E), int(.75 E), int(.9 E)], gamma=0.5)
+    h = Recipe(lr=0.001, epochs=10, schedule="halving")
+    assert [h.lr_at(e) for e in (0, 4, 5, 6, 7, 8, 9)] == pytest.approx(
+        [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4, 2.5e-4, 1.25e-4]
+    )
     c = Recipe(lr=0.1, epochs=4, schedule="cosine")
     assert [c.lr_at(e) for e in range(4)] == pytest.approx(
         [0.1, 0.0853553, 0.05, 0.0146447], abs=1e-6

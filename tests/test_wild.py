@@ -150,11 +150,17 @@ def _args(fmnist_dir, ckpt, out, *extra) -> list[str]:
 def test_finetune_with_wild_data(
     capsys, fmnist_dir, tiny_checkpoint, tmp_path, outliers, method
 ) -> None:
+    """Each with its authors' recipe (--recipe woods|scone), cut to 2 epochs."""
     out = tmp_path / outliers
     args = ["--outliers", outliers, "--method", method, "--n-masks", "2", "--wild-pi", "0.2"]
+    args += ["--recipe", outliers]
     assert main(_args(fmnist_dir, tiny_checkpoint, out, *args)) == 0, capsys.readouterr().err
     final, meta = load_checkpoint(out / "checkpoints" / "final")
     assert meta["finetune"]["outliers"]["method"] == outliers
+    recipe = json.loads((out / "config.json").read_text())["recipe"]
+    lr = {"woods": 0.001, "scone": 0.0001}[outliers]
+    assert (recipe["lr"], recipe["schedule"], recipe["nesterov"]) == (lr, "halving", True)
+    assert (recipe["augment"], recipe["weight_decay"], recipe["epochs"]) == ("none", 5e-4, 2)
     comp = json.loads((out / "wild.json").read_text())
     assert comp["n_outliers"] == round(0.2 * comp["size"])
     assert comp["n_shifted"] == (round(0.5 * comp["size"]) if outliers == "scone" else 0)

@@ -351,12 +351,22 @@ FINETUNE_FLAGS = (
 
 
 def _recipe_from(args: argparse.Namespace, base=None, **fixed):
-    """The recipe of the flags: ``base``'s values (default: Recipe()) with every flag given
-    explicitly (not None) on top, the benchmark's augmentation unless --augment is given, and
-    ``fixed`` last."""
+    """The recipe of the flags: ``base``'s values (default: Recipe() with the benchmark's
+    augmentation) with every flag given explicitly (not None) on top, and ``fixed`` last."""
     given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
-    given.setdefault("augment", benchmark_augmentation(args.benchmark))
-    return replace(base or Recipe(), **given, **fixed)
+    base = base or Recipe(augment=benchmark_augmentation(args.benchmark))
+    return replace(base, **given, **fixed)
+
+
+def _finetune_recipe(
+    args: argparse.Namespace, method: str, outliers: bool, **fixed
+) -> tuple[str, Recipe]:
+    """A fine-tune's recipe name and recipe: ``--recipe`` (default: paper, or paper-oe with
+    outliers) with the benchmark's augmentation unless the recipe fixes its own, every flag
+    given explicitly on top, and ``fixed`` last."""
+    name = args.recipe or default_recipe_name(outliers)
+    base = finetune_recipe(method, name, benchmark=args.benchmark)
+    return name, _recipe_from(args, base, **fixed)
 
 
 def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
@@ -400,10 +410,10 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         outliers=_outlier_spec(args),
         **{name: getattr(args, name) for name in FINETUNE_FLAGS},
     )
-    recipe_name = args.recipe or default_recipe_name(spec.outliers is not None)
-    recipe = _recipe_from(
+    recipe_name, recipe = _finetune_recipe(
         args,
-        finetune_recipe(spec.method, recipe_name),
+        spec.method,
+        spec.outliers is not None,
         model=start["architecture"],
         model_kwargs=start.get("model_kwargs", {}),
     )
@@ -1043,8 +1053,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="paper: the official 100 epochs at lr 0.1 cosine from the well-trained model "
         "(alpa: MODE's 500 epochs of batch 128); "
         "paper-oe: 10 epochs at lr 0.01 (the default with --outliers); quick: a 3-epoch "
-        "demonstration, not the method's result. Any recipe flag below overrides its value "
-        "(default: paper, or paper-oe with --outliers)",
+        "demonstration, not the method's result; woods, scone: those authors' 100 epochs of "
+        "batch 128, Nesterov, lr 0.001 or 0.0001 halved at 50, 75 and 90%%, no augmentation. "
+        "Any recipe flag below overrides its value (default: paper, or paper-oe with "
+        "--outliers)",
     )
     _add_recipe_args(p, None)
     _add_training_run_args(p)

@@ -14,7 +14,10 @@ from typing import Any
 
 from unleash_ood.errors import UserError
 
-SCHEDULES = ("cosine", "step", "constant")
+SCHEDULES = ("cosine", "step", "halving", "constant")
+# Fractions of the epochs at which "step" divides the learning rate by 10 and "halving" halves it.
+STEP_AT = (0.5, 0.75)
+HALVING_AT = (0.5, 0.75, 0.9)
 AUGMENTATIONS = ("none", "flip", "crop", "crop+flip")
 
 
@@ -48,11 +51,15 @@ class Recipe:
     momentum: float = knob(0.9, "SGD momentum")
     nesterov: bool = knob(False, "Nesterov momentum")
     weight_decay: float = knob(5e-4, "L2 weight decay")
-    schedule: str = knob("step", "step (/10 at 50% and 75% of the epochs), cosine or constant")
+    schedule: str = knob(
+        "step",
+        "step (/10 at 50% and 75% of the epochs), halving (x0.5 at 50%, 75% and 90%), "
+        "cosine or constant",
+    )
     augment: str = knob(
         "flip",
         "none, flip, crop, crop+flip (on the command line, unset: the benchmark's, crop+flip "
-        "on the CIFAR benchmarks, flip on the others)",
+        "on the CIFAR benchmarks, flip on the others; none with the woods and scone recipes)",
     )
     seed: int = knob(0, "random seed of the run")
     save_every: int = knob(1, "checkpoint every k epochs")
@@ -84,11 +91,15 @@ class Recipe:
         self.__post_init__()
 
     def lr_at(self, epoch: int) -> float:
-        """Learning rate for (0-based) ``epoch``: cosine to 0, or /10 at 50 % and 75 %."""
+        """Learning rate for (0-based) ``epoch``: cosine to 0; /10 at 50 % and 75 %; or halved
+        at the epochs ``int(f * epochs)`` for f in 50, 75 and 90 % (PyTorch's ``MultiStepLR``
+        with ``gamma=0.5`` as WOODS and SCONE set it, stepped once per epoch)."""
         if self.schedule == "cosine":
             return self.lr * 0.5 * (1 + math.cos(math.pi * epoch / self.epochs))
         if self.schedule == "step":
-            return self.lr * 0.1 ** sum(epoch >= f * self.epochs for f in (0.5, 0.75))
+            return self.lr * 0.1 ** sum(epoch >= f * self.epochs for f in STEP_AT)
+        if self.schedule == "halving":
+            return self.lr * 0.5 ** sum(epoch >= int(f * self.epochs) for f in HALVING_AT)
         return self.lr
 
 
@@ -112,11 +123,29 @@ def benchmark_augmentation(benchmark: str) -> str:
 PAPER_RECIPE = Recipe(
     epochs=100, batch_size=256, lr=0.1, weight_decay=1e-4, schedule="cosine", augment="flip"
 )
+# WOODS's and SCONE's own fine-tunes (jkatzsam/woods_ood and deeplearning-wisc/scone,
+# CIFAR/train.py and CIFAR/run.sh), for --outliers woods|scone: 100 epochs of batch 128 ID
+# (and 128 wild, --aux-ratio 1), Nesterov SGD with momentum 0.9 and weight decay 5e-4, the lr
+# halved at 50, 75 and 90 % of the epochs, no augmentation; from lr 0.001 (WOODS) or 0.0001
+# (SCONE's run script).
+WOODS_RECIPE = Recipe(
+    epochs=100,
+    batch_size=128,
+    lr=0.001,
+    nesterov=True,
+    weight_decay=5e-4,
+    schedule="halving",
+    augment="none",
+)
 RECIPES = {
     "paper": PAPER_RECIPE,
     "paper-oe": replace(PAPER_RECIPE, epochs=10, lr=0.01),
     "quick": replace(PAPER_RECIPE, epochs=3, lr=0.01),
+    "woods": WOODS_RECIPE,
+    "scone": replace(WOODS_RECIPE, lr=1e-4),
 }
+# Recipes whose authors fixed the augmentation (none): a benchmark's default does not replace it.
+OWN_AUGMENTATION = frozenset({"woods", "scone"})
 QUICK_UMAP_LR = 0.1
 # ALPA's fine-tune (JimZAI/MODE-OOD, README and ALPA/main_cl.py --alpa_finetune): 500 epochs
 # of batch 128 at lr 0.1, cosine, from a CE-trained model; ``paper`` means that for it.
@@ -136,10 +165,11 @@ def finetune_recipe(
     **changes,
 ) -> Recipe:
     """Fine-tuning recipe ``name`` (default: :func:`default_recipe_name`) for ``method``, with
-    the augmentation of ``benchmark`` (:func:`benchmark_augmentation`) when one is named, and
-    ``changes`` (any explicit value overrides the recipe's)."""
+    the augmentation of ``benchmark`` (:func:`benchmark_augmentation`) when one is named and
+    the recipe does not fix its own (:data:`OWN_AUGMENTATION`), and ``changes`` (any explicit
+    value overrides the recipe's)."""
     name = name or default_recipe_name(outliers)
-    if benchmark is not None:
+    if benchmark is not None and name not in OWN_AUGMENTATION:
         changes = {"augment": benchmark_augmentation(benchmark), **changes}
     if name not in RECIPES:
         raise UserError(f"unknown recipe {name!r}; choose {', '.join(RECIPES)}")

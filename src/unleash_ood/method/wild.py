@@ -50,8 +50,9 @@ Deviations from the authors' code:
   seeded stream and is added when a batch is fetched, so the mix never holds the training
   images (which may be streamed files) in memory;
 * ID and wild batches are augmented with the recipe's augmentation, as the other outlier
-  methods here do; their code augments neither (so there the classification constraint
-  compares unaugmented batches with the unaugmented reference loss);
+  methods here do (none with ``--recipe woods`` or ``scone``); their code augments neither
+  (so there the classification constraint compares unaugmented batches with the unaugmented
+  reference loss);
 * the multipliers move once per epoch of the whole ID training set (195 steps at batch 256
   on fmnist); their epoch is a ``zip`` of the ID, wild-ID and outlier loaders, which ends
   with the shortest (21 to 136 steps in their CIFAR settings), so they update more often per
@@ -62,9 +63,10 @@ Deviations from the authors' code:
   negative rate on a validation wild mix. Here the last epoch is the model;
 * the recipe (epochs, learning rate, schedule, batch) is the caller's, like every fine-tune
   here, by default ``paper-oe`` as for every outlier method (10 epochs at lr 0.01, cosine,
-  batch 256, weight decay 1e-4, momentum 0.9). Theirs: 100 epochs, batch 128 ID + 128 wild,
-  Nesterov SGD with weight decay 5e-4, lr halved at 50, 75 and 90 % of the epochs, from lr
-  0.001 (WOODS) or 0.0001 (SCONE's run script; 0.0005 before its commit bd7cc61);
+  batch 256, weight decay 1e-4, momentum 0.9). Theirs is ``--recipe woods`` or ``scone``:
+  100 epochs, batch 128 ID + 128 wild, Nesterov SGD with weight decay 5e-4, lr halved at 50,
+  75 and 90 % of the epochs, no augmentation, from lr 0.001 (WOODS) or 0.0001 (SCONE's run
+  script; 0.0005 before its commit bd7cc61);
 * under ``torchrun`` the logistic layer would not be synchronised: one process only.
 """
 
