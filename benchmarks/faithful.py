@@ -2,7 +2,8 @@
 recipes, paired against the plain cross-entropy control.
 
     python benchmarks/faithful.py [--runs-dir runs/faithful] [--out benchmarks/results/faithful]
-                                  [--phases paper30,paper100,pretrain,oe,noise,xi] [--resume]
+                                  [--phases paper30,paper100,pretrain,oe,noise,xi]
+                                  [--seeds 0,1,2] [--resume]
 
 Every arm is one ``unleash`` command in its own run directory under ``--runs-dir``, run as a
 child process (so the study exercises exactly what a user runs) and evaluated once with every
@@ -14,6 +15,8 @@ phase is named by ``--rerun-recorded`` (default ``paper100``, whose weights the 
 ``benchmarks/ship_finetunes.py`` needs their run directories). Nothing is tuned on
 OOD test sets: xi comes from the random-mask estimate on training data, or from the OOD
 *validation* sets (phase ``xi``); the noisy runs' selected epoch from validation data only.
+``--seeds`` runs the arms of some seeds only (the tables still hold every finished arm):
+``--seeds 0`` first gives every question a one-seed answer before any question gets three.
 
 Phases, in the default order (seed 0 is the shipped model; seeds 1 and 2 are retrained with
 the default pretraining recipe). An arm whose input another arm makes (seeds 1 and 2 need
@@ -608,6 +611,11 @@ def main() -> None:
     p.add_argument("--runs-dir", default="runs/faithful", help="where the arms' runs go")
     p.add_argument("--out", default="benchmarks/results/faithful", help="tables: <out>.md/.json")
     p.add_argument("--phases", default=",".join(PHASES), help="phases to run, in this order")
+    p.add_argument(
+        "--seeds",
+        default=",".join(map(str, SEEDS)),
+        help="run the arms of these seeds only (default: all)",
+    )
     p.add_argument("--resume", action="store_true", help="continue interrupted arms")
     p.add_argument("--tables-only", action="store_true", help="rebuild the tables and stop")
     p.add_argument(
@@ -625,6 +633,9 @@ def main() -> None:
     runs, out = Path(args.runs_dir), Path(args.out)
     bench = load_benchmark("fmnist")
     phases, rerun = args.phases.split(","), set(args.rerun_recorded.split(","))
+    seeds = {f"seed{s}" for s in args.seeds.split(",")}
+    if not seeds <= {f"seed{s}" for s in SEEDS}:
+        p.error(f"--seeds takes some of {','.join(map(str, SEEDS))}, not {args.seeds}")
     progressed = not args.tables_only
     while progressed:  # a second pass runs arms whose inputs an arm of a later phase made
         progressed = False
@@ -632,7 +643,7 @@ def main() -> None:
             print(f"phase {phase}", flush=True)
             record = read_record(out)
             for arm in phase_arms(phase, runs, record):
-                if arm.done():
+                if arm.done() or arm.name.split("/")[1] not in seeds:
                     continue
                 if kept_as_recorded(arm, record, rerun):
                     print(f"  keep {arm.name}: recorded in {out.with_suffix('.json')}", flush=True)
