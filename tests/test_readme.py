@@ -4,6 +4,7 @@ commands cut to one epoch so the suite stays short)."""
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from unleash_ood.cli import main
+from unleash_ood.scores import SCORERS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
@@ -85,5 +87,10 @@ def test_command_line_examples_run_in_order(in_tmp_cwd, capsys) -> None:
         extra = ["--epochs", "1", "--no-progress"] if argv[0] in TRAINING else []
         code = main([*argv, *extra])
         assert code == 0, (argv, capsys.readouterr().err)
+    # `evaluate --scores all`: every scorer, end to end through the command
+    rows = json.loads((in_tmp_cwd / "runs" / "eval" / "metrics.json").read_text())["rows"]
+    assert {r["scorer"] for r in rows} == set(SCORERS)
+    ranking = (in_tmp_cwd / "runs" / "eval" / "metrics.md").read_text()
+    assert f"| {len(SCORERS)} |" in ranking
     assert (in_tmp_cwd / "runs" / "cnn" / "track.csv").exists()
     assert (in_tmp_cwd / "runs" / "oe-um" / "checkpoints" / "final.json").exists()
