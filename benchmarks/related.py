@@ -12,11 +12,11 @@ post-hoc scorer of a model is the one with the best mean AUROC on the *validatio
 only its test figures are reported. Training arms run once per seed; the cost of a
 watermark is set against plain evaluation of the starting model, the cost of WOODS / SCONE
 against the plain CE fine-tune. ``--resume`` skips every arm whose outputs exist.
-``--systems`` runs some systems only (a watermark costs far more than a ``paper-oe``
-fine-tune: 50 epochs of sharpness-aware steps on ID and noise batches); the tables hold every
-arm finished so far, run now or before. ``--smoke``
-runs the mechanics in minutes (one seed, one epoch, a small CNN pretrained on 1000 images, few
-scorers) into ``runs/related-smoke``; its figures are not results.
+The arms run cheapest first: the ``paper-oe`` fine-tunes of every seed, then the watermarks
+(each 50 epochs of sharpness-aware steps on ID and noise batches, far more than a fine-tune).
+``--systems`` runs some systems only; the tables hold every arm finished so far, run now or
+before. ``--smoke`` runs the mechanics in minutes (one seed, one epoch, a small CNN pretrained
+on 1000 images, few scorers) into ``runs/related-smoke``; its figures are not results.
 
 Writes ``<out>.md`` and ``<out>.json`` (default ``benchmarks/results/related``); the runs
 themselves go under ``--runs`` (default ``runs/related``).
@@ -89,17 +89,18 @@ def best_posthoc(evaluation: dict) -> str:
 
 
 def arms(args: argparse.Namespace) -> list[tuple[str, int | None, list[str] | None]]:
-    """(name, seed, training argv without --out) of every arm; None: no training."""
+    """(name, seed, training argv without --out) of every arm, cheapest first: the
+    fine-tunes of every seed before any watermark; None: no training."""
     listed: list[tuple[str, int | None, list[str] | None]] = [("start", None, None)]
     for seed in args.seeds:
-        s = ["--seed", str(seed)]
-        for score in ("msp", "energy"):
-            listed.append((f"watermark-{score}", seed, ["watermark", "--score", score, *s]))
         for method in ("ce", "woods", "scone"):
             wild = ["--outliers", method, "--wild-pi", WILD_PI] if method != "ce" else []
-            listed.append(
-                (method, seed, ["finetune", "--method", "ce", "--recipe", "paper-oe", *wild, *s])
-            )
+            argv = ["finetune", "--method", "ce", "--recipe", "paper-oe", *wild]
+            listed.append((method, seed, [*argv, "--seed", str(seed)]))
+    for seed in args.seeds:
+        for score in ("msp", "energy"):
+            argv = ["watermark", "--score", score, "--seed", str(seed)]
+            listed.append((f"watermark-{score}", seed, argv))
     return listed
 
 
