@@ -227,6 +227,7 @@ def test_demo_trains_then_shows_shipped_finetunes(
     printed, err = capsys.readouterr()
     assert code == 0, err
     assert "| base | pretrained: " in printed and "| CE control | quick recipe: 3 epochs" in printed
+    assert "not the method's result" in printed  # shipped quick-recipe fine-tunes say so too
     assert "## Live: UM on 300 training images at xi = " in printed
     assert "train CE" in printed and not (shown / "ce").exists()
 

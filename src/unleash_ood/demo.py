@@ -251,7 +251,7 @@ def demo_markdown(evals: dict[str, Evaluation], result: dict) -> str:
     caveat = (
         "**The `quick` recipe demonstrates the mechanics; its numbers are not the method's "
         "result** (see benchmarks/RESULTS.md for the paper-recipe study)."
-        if plan["recipe"] == "quick"
+        if any(label.startswith("quick recipe") for label in result["recipes"].values())
         else "One seed: see benchmarks/RESULTS.md for the study over seeds."
     )
     lines = [
