@@ -19,7 +19,13 @@ from unleash_ood.cli import main
 from unleash_ood.data.base import ImageSet
 from unleash_ood.errors import UserError
 from unleash_ood.generative import create_detector, parse_detector_scores
-from unleash_ood.generative.ama import AMA, AMAScore, feature_distance, mirrored_pairs
+from unleash_ood.generative.ama import (
+    AMA,
+    AMAScore,
+    feature_distance,
+    gradient_penalty,
+    mirrored_pairs,
+)
 from unleash_ood.generative.diffpath import DiffPath, path_statistics
 from unleash_ood.generative.diffusion import cosine_alphas_cumprod
 from unleash_ood.generative.trainer import (
@@ -83,6 +89,51 @@ def test_ama_losses_by_hand() -> None:
     adversarial, norm = model.autoencoder_loss(x)
     assert adversarial.item() == pytest.approx(-0.5, rel=1e-5)
     assert norm.item() == pytest.approx(model.encoder(x).norm(dim=1).mean().item(), rel=1e-5)
+
+
+def test_gradient_penalty_by_hand() -> None:
+    """A linear critic ``D = sum(3 * first + 4 * second)`` has gradient (3, 4) at every pixel
+    whatever the interpolation: norm 5, penalty 10 * (5 - 1)^2."""
+    x, rec = torch.rand(2, 1, 4, 4), torch.rand(2, 1, 4, 4)
+
+    def critic(pair: torch.Tensor) -> torch.Tensor:
+        return (3 * pair[:, 0] + 4 * pair[:, 1]).sum((1, 2))
+
+    assert gradient_penalty(critic, x, rec, 10.0).item() == pytest.approx(160.0)
+    assert gradient_penalty(critic, x, rec, 0.5).item() == pytest.approx(8.0)
+
+
+def test_critic_loss_adds_the_gradient_penalty() -> None:
+    """The stand-in critic's D is the mean of the second image over its 32 x 32 pixels: its
+    gradient is 1/1024 on that channel and 0 on the first, so the penalty is
+    10 * (1 - 1/1024)^2 on top of the Wasserstein term."""
+    model = half_grey_ama()
+    x = model.prepare(torch.rand(3, 1, 28, 28))
+    model.gradient_penalty = 10.0
+    expected = 0.5 - x.mean().item() + 10 * (1 - 1 / 1024) ** 2
+    assert model.critic_loss(x).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_spectral_norm_bounds_every_critic_layer() -> None:
+    """After a few training passes, every critic weight as used has largest singular value 1;
+    the encoder and generator are left alone."""
+    torch.manual_seed(0)
+    model = create_detector("ama", 1, 28, spectral_norm=True, **TINY_AMA).train()
+    layers = [
+        m for m in model.critic.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ]
+    assert len(layers) == 11
+    for _ in range(30):
+        model.critic(torch.rand(4, 2, 32, 32))
+    for layer in layers:
+        sigma = torch.linalg.matrix_norm(layer.weight.detach().flatten(1), ord=2)
+        assert sigma.item() == pytest.approx(1.0, abs=1e-3)
+    assert not any("parametrizations" in n for n, _ in model.encoder.named_parameters())
+    assert model.options()["spectral_norm"] is True
+    with pytest.raises(UserError, match="spectral_norm is true or false"):
+        create_detector("ama", 1, 28, spectral_norm=1)
+    with pytest.raises(UserError, match="gradient_penalty must be >= 0"):
+        create_detector("ama", 1, 28, gradient_penalty=-1)
 
 
 def test_prepare_scales_and_pads_to_32() -> None:
@@ -191,14 +242,18 @@ def ama_argv(run, epochs: int, *extra: str) -> list[str]:
 def test_ama_train_resumes_exactly_and_evaluates(
     capsys, monkeypatch, small_fmnist, tmp_path
 ) -> None:
+    """With the critic of the authors' OOD command: gradient penalty and spectral norm."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    assert main(ama_argv(straight, 2)) == 0, capsys.readouterr().err
+    sngp = ("--model-arg", "gradient_penalty=10", "--model-arg", "spectral_norm=true")
+    assert main(ama_argv(straight, 2, *sngp)) == 0, capsys.readouterr().err
     let_run = interrupt_detector_at_second_epoch(monkeypatch)  # Ctrl-C, then --resume
-    assert main(ama_argv(resumed, 2)) == 130
+    assert main(ama_argv(resumed, 2, *sngp)) == 130
     meta = json.loads((resumed / "checkpoints" / "last.json").read_text())
     assert meta["architecture"] == "ama" and meta["recipe"]["beta2"] == 0.9
+    assert meta["model_kwargs"]["spectral_norm"] is True
+    assert meta["model_kwargs"]["gradient_penalty"] == 10
     let_run()
-    assert main(ama_argv(resumed, 2, "--resume")) == 0, capsys.readouterr().err
+    assert main(ama_argv(resumed, 2, "--resume", *sngp)) == 0, capsys.readouterr().err
     for name in ("last", "best"):
         a = load_file(str(straight / "checkpoints" / f"{name}.safetensors"))
         b = load_file(str(resumed / "checkpoints" / f"{name}.safetensors"))

@@ -22,13 +22,26 @@ first block, a downsampling and two plain pre-activation blocks), with their Xav
 initialisations; images are scaled to [-1, 1]. Adam lr 3e-4 with betas (0, 0.9) for critic
 and generator and (0.5, 0.9) for the encoder, batch 256, 100 epochs.
 
+The README's OOD command adds to those defaults a gradient penalty of weight 10 and spectral
+norm on every critic layer: both are options here (``--model-arg gradient_penalty=10
+--model-arg spectral_norm=true``), off by default as in their defaults.
+
+- ``gradient_penalty`` is their own form (``loss.py``, ``calc_gradient_penalty``): the pair
+  ``(x, x~)`` with ``x~`` a per-image random point between ``x`` and its reconstruction, the
+  critic's gradient with respect to the whole pair, its norm per pixel over the pair's
+  channels, ``weight * mean (norm - 1)^2`` added to the critic's loss.
+- ``spectral_norm`` divides every critic convolution and linear weight by its largest singular
+  value, estimated by one power iteration per training forward pass, as their
+  ``layers/spectral_norm.py``; here by :func:`torch.nn.utils.parametrizations.spectral_norm`.
+
 Deviations:
-- The README's OOD command adds to those defaults spectral norm on every critic layer, a
-  gradient penalty of weight 10 (their own form: only the second image of the pair
-  interpolated, the norm taken per pixel over channels) and, with ``--anom_pc 0.1
-  --anom_recon_lambda 5``, labelled anomalies (SVHN training images) pushed away in training,
-  which makes it semi-supervised; none of the three is offered here, so the critic is the
-  unconstrained one of their defaults.
+- The README's OOD command also passes ``--anom_pc 0.1 --anom_recon_lambda 5``: labelled
+  anomalies (SVHN training images) pushed away in training, which makes it semi-supervised;
+  that is not offered.
+- With the gradient penalty, the critic step's reconstruction is reused for the interpolation;
+  theirs computes it a second time, which moves the batch-norm running statistics once more.
+- Spectral norm's power iteration runs in training mode only (PyTorch's rule); theirs also
+  iterates, without storing the result, in evaluation mode.
 - Widths are CPU-sized by default: encoder base 16 (theirs 32), generator 64 (256), critic
   64 (128), latent 64 (128); pass the authors' with ``--model-arg``.
 - Images smaller than 32 (Fashion-MNIST's 28) are padded with black to 32, the side their
@@ -52,6 +65,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrizations
 
 from unleash_ood.errors import UserError
 from unleash_ood.generative.base import DetectorScore, GenerativeModel, clip_gradients
@@ -67,6 +81,18 @@ def mirrored_pairs(x: torch.Tensor, rec: torch.Tensor) -> tuple[torch.Tensor, to
 def feature_distance(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """Per-sample L1 distance of two ``(N, D)`` feature batches."""
     return (real - fake).abs().sum(1)
+
+
+def gradient_penalty(
+    critic: nn.Module, x: torch.Tensor, rec: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """AMA's gradient penalty: ``weight * mean (|grad D(x, x~)| - 1)^2``, with ``x~`` a random
+    point per image between ``x`` and ``rec`` and the norm taken per pixel over the pair's
+    channels (their ``calc_gradient_penalty``)."""
+    alpha = torch.rand(x.shape[0], 1, 1, 1, device=x.device, dtype=x.dtype)
+    pair = torch.cat([x, alpha * x + (1 - alpha) * rec], 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(critic(pair).sum(), pair, create_graph=True)
+    return weight * ((grad.norm(2, dim=1) - 1) ** 2).mean()
 
 
 def _xavier(module: nn.Conv2d | nn.Linear, gain: float) -> nn.Module:
@@ -114,7 +140,7 @@ class CriticBlock(nn.Module):
 class Critic(nn.Module):
     """The Wasserstein critic on mirrored pairs (``2 * channels`` inputs)."""
 
-    def __init__(self, in_channels: int, ch: int):
+    def __init__(self, in_channels: int, ch: int, spectral_norm: bool = False):
         super().__init__()
         self.blocks = nn.Sequential(
             CriticBlock(2 * in_channels, ch, first=True, downsample=True),
@@ -123,6 +149,9 @@ class Critic(nn.Module):
             CriticBlock(ch, ch),
         )
         self.head = _xavier(nn.Linear(ch, 1, bias=False), 1.0)
+        if spectral_norm:
+            for layer in [m for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]:
+                parametrizations.spectral_norm(layer)
 
     def features(self, pair: torch.Tensor) -> torch.Tensor:
         """``(N, ch)``: the last ReLU map summed over space."""
@@ -168,17 +197,24 @@ class AMA(GenerativeModel):
         latent: int = 64,
         critic_steps: int = 5,
         reg: float = 1.0,
+        gradient_penalty: float = 0.0,
+        spectral_norm: bool = False,
     ):
         super().__init__(in_channels, input_size)
         if input_size > SIDE or (SIDE - input_size) % 2:
             raise UserError(f"AMA takes square images of side 32 or 28, 30, ...; got {input_size}")
-        if min(width, gen_width, critic_width, latent, critic_steps) < 1 or reg < 0:
-            raise UserError("AMA's widths, latent and critic_steps must be >= 1 and reg >= 0")
+        if min(width, gen_width, critic_width, latent, critic_steps) < 1:
+            raise UserError("AMA's widths, latent and critic_steps must be >= 1")
+        if min(reg, gradient_penalty) < 0:
+            raise UserError("AMA's reg and gradient_penalty must be >= 0")
+        if not isinstance(spectral_norm, bool):
+            raise UserError(f"AMA's spectral_norm is true or false, got {spectral_norm!r}")
         self.width, self.gen_width, self.critic_width = width, gen_width, critic_width
         self.latent, self.critic_steps, self.reg = latent, critic_steps, reg
+        self.gradient_penalty, self.spectral_norm = gradient_penalty, spectral_norm
         self.encoder = _encoder(in_channels, width, latent)
         self.generator = _generator(in_channels, gen_width, latent)
-        self.critic = Critic(in_channels, critic_width)
+        self.critic = Critic(in_channels, critic_width, spectral_norm)
 
     def options(self) -> dict[str, Any]:
         return {
@@ -188,6 +224,8 @@ class AMA(GenerativeModel):
             "latent": self.latent,
             "critic_steps": self.critic_steps,
             "reg": self.reg,
+            "gradient_penalty": self.gradient_penalty,
+            "spectral_norm": self.spectral_norm,
         }
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
@@ -207,11 +245,15 @@ class AMA(GenerativeModel):
         return feature_distance(self.critic.features(real), self.critic.features(fake))
 
     def critic_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """``-mean D(x, x) + mean D(x, G(E(x)))`` of prepared images, reconstruction fixed."""
+        """``-mean D(x, x) + mean D(x, G(E(x)))`` of prepared images, reconstruction fixed,
+        plus the gradient penalty when its weight is positive."""
         with torch.no_grad():
             rec = self.reconstruct(x)
         real, fake = mirrored_pairs(x, rec)
-        return self.critic(fake).mean() - self.critic(real).mean()
+        loss = self.critic(fake).mean() - self.critic(real).mean()
+        if self.gradient_penalty > 0:
+            loss = loss + gradient_penalty(self.critic, x, rec, self.gradient_penalty)
+        return loss
 
     def autoencoder_loss(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``-mean D(x, G(E(x)))`` and the latent norm penalty ``mean |E(x)|_2``."""
