@@ -247,9 +247,10 @@ def test_detector_train_resumes_exactly_and_evaluates(
     assert evaluate(resumed, "elbo")[0] == 2 and not (resumed / "eval").exists()
     plain = tmp_path / "plain"
     assert main(train_argv(plain, 1, "--model-arg", "lossy=none")) == 0
-    code, printed, rows = evaluate(plain, "elbo,score_test:samples=32:splits=2:batch_size=32")
+    scores = "elbo,score_test:samples=32:splits=2:batch_size=32,score_test_ekfac:samples=32"
+    code, printed, rows = evaluate(plain, scores)
     assert code == 0, printed
-    assert {r["scorer"] for r in rows} == {"elbo", "score_test"}
+    assert {r["scorer"] for r in rows} == {"elbo", "score_test", "score_test_ekfac"}
     assert all(0 <= r["auroc"] <= 1 for r in rows)
 
 

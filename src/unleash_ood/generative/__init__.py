@@ -3,7 +3,8 @@ scores computed from it (higher = more ID-like, as everywhere).
 
 - ``vae`` (:mod:`.vae`): the VAE of Error Reduction, restoring lossy inputs, scored by
   ``error_reduction`` (:mod:`.error_reduction`); trained plain (``lossy=none``), scored by
-  ``score_test`` (:mod:`.score_test`) and its likelihood ``elbo``.
+  ``score_test`` (:mod:`.score_test`), ``score_test_ekfac`` (:mod:`.score_test_ekfac`) and its
+  likelihood ``elbo``.
 - ``ama`` (:mod:`.ama`): AMA's encoder, generator and mirrored-pair critic; score ``ama``.
 - ``diffusion`` (:mod:`.diffusion`): a small unconditional diffusion model and its DDIM
   inversion; score ``diffpath`` (:mod:`.diffpath`).
@@ -26,13 +27,14 @@ from unleash_ood.generative.diffusion import Diffusion
 from unleash_ood.generative.error_reduction import ErrorReduction
 from unleash_ood.generative.mim import MaskedImageModel
 from unleash_ood.generative.score_test import ScoreTest
+from unleash_ood.generative.score_test_ekfac import ScoreTestEKFAC
 from unleash_ood.generative.vae import ELBO, VAE
 
 MODELS: dict[str, type[GenerativeModel]] = {
     cls.kind: cls for cls in (VAE, AMA, Diffusion, MaskedImageModel)
 }
 SCORES: dict[str, type[DetectorScore]] = {
-    cls.name: cls for cls in (ErrorReduction, ScoreTest, ELBO, AMAScore, DiffPath)
+    cls.name: cls for cls in (ErrorReduction, ScoreTest, ScoreTestEKFAC, ELBO, AMAScore, DiffPath)
 }
 
 __all__ = [
