@@ -344,6 +344,34 @@ def test_ddim_inversion_follows_the_deterministic_path() -> None:
     assert path[:, 1].double().numpy() == pytest.approx(np.stack(expected), rel=1e-4, abs=1e-5)
 
 
+def test_moving_average_updates_by_hand_and_is_what_inverts() -> None:
+    """With ema = 0.75 one step leaves the average at 0.75 * initial + 0.25 * stepped weights;
+    Adam never steps the average itself, and the inversion reads it, not the trained net."""
+    torch.manual_seed(0)
+    model = create_detector("diffusion", 1, 28, ema=0.75, **TINY_DIFFUSION).train()
+    initial = [p.detach().clone() for p in model.unet.parameters()]
+    opt = torch.optim.Adam(model.param_groups(), lr=1e-2)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(initial)
+    model.train_step(torch.rand(4, 1, 28, 28), opt, 1.0)
+    for avg, w, w0 in zip(
+        model.ema_unet.parameters(), model.unet.parameters(), initial, strict=True
+    ):
+        assert torch.allclose(avg, 0.75 * w0 + 0.25 * w, atol=1e-7)
+    assert any(
+        not torch.equal(w, w0) for w, w0 in zip(model.unet.parameters(), initial, strict=True)
+    )
+    assert model.options()["ema"] == 0.75 and "ema_unet.out.2.weight" in model.state_dict()
+    plain = create_detector("diffusion", 1, 28, **TINY_DIFFUSION)
+    plain.unet = HalfInput()
+    model.ema_unet = HalfInput()
+    x = torch.rand(2, 1, 28, 28)
+    assert torch.equal(model.ddim_inversion(x, 4), plain.ddim_inversion(x, 4))
+    assert plain.ema_unet is None and plain.denoiser() is plain.unet
+    for bad in (1.0, -0.1, "fast"):
+        with pytest.raises(UserError, match=r"ema is a rate in \[0, 1\)"):
+            create_detector("diffusion", 1, 28, ema=bad, **TINY_DIFFUSION)
+
+
 def test_diffpath_is_the_mixture_log_density_fitted_on_id(tiny_benchmark) -> None:
     from sklearn.mixture import GaussianMixture
     from sklearn.preprocessing import StandardScaler
@@ -385,11 +413,14 @@ def test_diffpath_refuses_bad_parameters() -> None:
 def test_diffusion_train_and_diffpath_evaluate(capsys, small_fmnist, tmp_path) -> None:
     run, out = tmp_path / "run", tmp_path / "eval"
     argv = ["detector", "train", "--kind", "diffusion", "--epochs", "1", "--batch-size", "32"]
-    for k, v in TINY_DIFFUSION.items():
+    for k, v in {**TINY_DIFFUSION, "ema": 0.9}.items():
         argv += ["--model-arg", f"{k}={v}"]
     argv += ["--out", str(run), "--device", "cpu", "--no-progress"]
     assert main(argv) == 0, capsys.readouterr().err
-    assert json.loads((run / "checkpoints" / "last.json").read_text())["recipe"]["lr"] == 1e-4
+    meta = json.loads((run / "checkpoints" / "last.json").read_text())
+    assert meta["recipe"]["lr"] == 1e-4 and meta["model_kwargs"]["ema"] == 0.9
+    weights = load_file(str(run / "checkpoints" / "last.safetensors"))
+    assert any(k.startswith("ema_unet.") for k in weights)
     assert not (run / "checkpoints" / "best.json").exists()  # no epoch selection for it
     evaluate = ["detector", "evaluate", "--from", str(run), "--out", str(out), "--device", "cpu"]
     assert main([*evaluate, "--scores", "diffpath:covariance=round"]) == 2

@@ -12,14 +12,18 @@ Deviations: the UNet is CPU-sized (two resolutions, one residual block each, bas
 with GroupNorm and a sinusoidal time embedding; theirs is improved-diffusion's UNet with
 width 128, three residual blocks per resolution and attention); it predicts the noise only
 (no learned variance, which DDIM does not use); training runs for epochs, not their 500k
-iterations; the model is the trained weights themselves, where theirs keeps an exponential
-moving average of them (rate 0.9999) and DiffPath's released checkpoint is that average.
+iterations. Their exponential moving average of the weights (improved-diffusion's ``ema_rate``
+0.9999; DiffPath's released checkpoint is that average) is the option ``ema`` (``--model-arg
+ema=0.9999``), off by default: it starts from the initial weights, so after the few thousand
+steps a CPU trains, 0.9999 leaves most of the average at them (0.9999^4300 = 0.65). With it,
+the average is the model DDIM inversion and the validation loss use.
 The validation loss (``forward``) is the noise-prediction error at 10 evenly
 spaced timesteps with noise from a fixed seed, so it is deterministic.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, ClassVar
 
@@ -105,6 +109,7 @@ class Diffusion(GenerativeModel):
         width: int = 32,
         dropout: float = 0.3,
         diffusion_steps: int = 4000,
+        ema: float = 0.0,
     ):
         super().__init__(in_channels, input_size)
         if input_size % 2:
@@ -114,8 +119,12 @@ class Diffusion(GenerativeModel):
                 "the diffusion model needs width a multiple of 8, dropout in [0, 1) and "
                 "diffusion_steps >= 2"
             )
+        if not (isinstance(ema, int | float) and 0 <= ema < 1):
+            raise UserError(f"ema is a rate in [0, 1) (0: off; the authors' 0.9999); got {ema!r}")
         self.width, self.dropout, self.diffusion_steps = width, dropout, diffusion_steps
+        self.ema = ema
         self.unet = UNet(in_channels, width, dropout)
+        self.ema_unet = copy.deepcopy(self.unet).requires_grad_(False) if ema > 0 else None
         # float64, as improved-diffusion keeps it: 1 / alpha_bar - 1 is tiny at t = 0.
         self.register_buffer(
             "alphas_cumprod", cosine_alphas_cumprod(diffusion_steps), persistent=False
@@ -126,7 +135,30 @@ class Diffusion(GenerativeModel):
             "width": self.width,
             "dropout": self.dropout,
             "diffusion_steps": self.diffusion_steps,
+            "ema": self.ema,
         }
+
+    def denoiser(self) -> nn.Module:
+        """The network that inverts and is validated: the moving average when kept."""
+        return self.unet if self.ema_unet is None else self.ema_unet
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [{"params": list(self.unet.parameters())}]
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        return [list(self.unet.parameters())]
+
+    def train_step(
+        self, x: torch.Tensor, opt: torch.optim.Optimizer, grad_clip: float
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One step of the noise-prediction loss, then the moving average's update
+        ``avg = ema * avg + (1 - ema) * w`` (improved-diffusion's ``update_ema``)."""
+        loss, parts = super().train_step(x, opt, grad_clip)
+        if self.ema_unet is not None:
+            with torch.no_grad():
+                for avg, w in zip(self.ema_unet.parameters(), self.unet.parameters(), strict=True):
+                    avg.mul_(self.ema).add_(w, alpha=1 - self.ema)
+        return loss, parts
 
     def ddim_timesteps(self, steps: int) -> torch.Tensor:
         """The ``steps`` respaced timesteps ``0, k, 2k, ...`` with the smallest stride ``k``
@@ -139,16 +171,19 @@ class Diffusion(GenerativeModel):
             )
         return torch.arange(steps) * stride
 
-    def noise_error(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Per-sample squared noise-prediction error of images in [-1, 1] at timesteps ``t``."""
+    def noise_error(
+        self, net: nn.Module, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Per-sample squared noise-prediction error of ``net`` on images in [-1, 1] at
+        timesteps ``t``."""
         ab = self.alphas_cumprod[t].float().view(-1, 1, 1, 1)
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        return (self.unet(xt, t) - noise).pow(2).flatten(1).mean(1)
+        return (net(xt, t) - noise).pow(2).flatten(1).mean(1)
 
     def loss(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x0 = 2 * x - 1
         t = torch.randint(0, self.diffusion_steps, (x.shape[0],), device=x.device)
-        return self.noise_error(x0, t, torch.randn_like(x0)).mean(), {}
+        return self.noise_error(self.unet, x0, t, torch.randn_like(x0)).mean(), {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Mean noise-prediction error at 10 evenly spaced timesteps, noise from seed 0."""
@@ -156,6 +191,7 @@ class Diffusion(GenerativeModel):
         x0 = 2 * x - 1
         errors = [
             self.noise_error(
+                self.denoiser(),
                 x0,
                 torch.full((x.shape[0],), int(t), device=x.device),
                 torch.randn(x0.shape, generator=g, device=x.device),
@@ -177,7 +213,7 @@ class Diffusion(GenerativeModel):
         xi, path = 2 * x - 1, []
         for i, (t, a) in enumerate(zip(ts.tolist(), ab, strict=True)):
             a_next = ab[i + 1] if i + 1 < steps else 0.0
-            eps = self.unet(xi, torch.full((x.shape[0],), t, device=x.device))
+            eps = self.denoiser()(xi, torch.full((x.shape[0],), t, device=x.device))
             x0 = ((xi - math.sqrt(1 - a) * eps) / math.sqrt(a)).clamp(-1, 1)
             eps = (xi / math.sqrt(a) - x0) / math.sqrt(1 / a - 1)
             path.append(eps)
