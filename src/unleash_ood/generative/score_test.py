@@ -25,8 +25,8 @@ come from ``torch.func`` in batches instead of one image per backward pass (the 
 Their released code replaced this version: an EKFAC approximation of the Fisher over all the
 encoder's convolutions (biases included), each layer's statistic standardised by its mean and
 standard deviation over the Fisher images, and the maximum over layers (``ekfac(max)``): that is
-``score_test_ekfac`` (:mod:`unleash_ood.generative.score_test_ekfac`). Their VAE is Likelihood Regret's DCGAN VAE, not this architecture
-(see :mod:`unleash_ood.generative.vae`).
+``score_test_ekfac`` (:mod:`unleash_ood.generative.score_test_ekfac`). Their VAE is Likelihood
+Regret's DCGAN VAE, not this architecture (see :mod:`unleash_ood.generative.vae`).
 """
 
 from __future__ import annotations
