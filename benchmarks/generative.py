@@ -19,8 +19,9 @@ step the tables are rebuilt from whatever has finished into ``<out>.md`` and ``<
 AUROC and both FPR95 conventions per OOD test set and their mean (mean ± std over seeds),
 training time (sum of the logged epochs) and scoring time (wall time of the evaluate command).
 Kind ``vae`` is the VAE restoring lossy inputs, scored by Error Reduction; ``vae-plain`` the
-same VAE with ``--model-arg lossy=none``, scored by its likelihood and the score test, which
-need a plain VAE. ``elbo`` is that plain likelihood: an AUROC below 50 on a set means it
+same VAE with ``--model-arg lossy=none``, scored by its likelihood and the score test (the
+paper's block-diagonal Fisher and the EKFAC one of the authors' released code), which need a
+plain VAE. ``elbo`` is that plain likelihood: an AUROC below 50 on a set means it
 rates those OOD images as more likely than ID images, the failure Error Reduction and the score
 test were made for.
 """
@@ -58,7 +59,7 @@ DETECTOR = {"vae-plain": ("vae", ["--model-arg", "lossy=none"])}
 # classifier scores (SSD's single Gaussian is the paper's).
 KIND_SCORES = {
     "vae": "error_reduction",
-    "vae-plain": "elbo,score_test",
+    "vae-plain": "elbo,score_test,score_test_ekfac",
     "ama": "all",
     "diffusion": "all",
     "mim": "ssd,mahalanobis,knn,energy,msp",
