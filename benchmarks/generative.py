@@ -9,7 +9,8 @@ Each detector kind and seed is one ``unleash detector train --kind KIND`` run wi
 default recipe (the authors': VAE 200 epochs, AMA 100, the diffusion model 100, MOOD's
 masked-image stage 100 then its fine-tuning; ``--epochs`` shortens every kind and MOOD's
 fine-tuning, ``--width`` sets the VAE's) and one ``unleash detector evaluate --splits val,test``
-of it (AMA from ``checkpoints/best``, the epoch it selects on the OOD validation sets; MOOD
+of it (AMA with the critic of the authors' OOD command, from ``checkpoints/best``, the epoch it
+selects on the OOD validation sets; MOOD
 with the classifier scores in ``KIND_SCORES``), each a child process, so the study runs
 exactly what a user runs. A finished run is skipped; an interrupted one continues with
 ``--resume`` (bit-exact on a CPU). The diffusion model trains on Fashion-MNIST itself: no
@@ -54,7 +55,11 @@ METRICS = ("auroc", "fpr95_id", "fpr95_ood")
 CLASSIFIER_SCORES = ("energy", "knn", "vim", "msp")
 KINDS = ("vae", "vae-plain", "ama", "diffusion", "mim")
 # The detector kind and model options each run kind trains with.
-DETECTOR = {"vae-plain": ("vae", ["--model-arg", "lossy=none"])}
+# AMA's critic is the one of the authors' OOD command (gradient penalty 10, spectral norm).
+DETECTOR = {
+    "vae-plain": ("vae", ["--model-arg", "lossy=none"]),
+    "ama": ("ama", ["--model-arg", "gradient_penalty=10", "--model-arg", "spectral_norm=true"]),
+}
 # What each kind's evaluation scores: its own scores, or for MOOD's fine-tuned ViT the
 # classifier scores (SSD's single Gaussian is the paper's).
 KIND_SCORES = {
