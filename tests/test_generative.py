@@ -189,6 +189,27 @@ def test_bad_score_lists_fail_with_a_hint(spec: str, message: str) -> None:
         parse_detector_scores(spec, "vae")
 
 
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("score_test:samples=many", "score_test's samples must be an integer >= 2"),
+        ("score_test:splits=x", "score_test's splits and batch_size must be integers >= 1"),
+        ("score_test:layers=5", "layers are parameter names joined by"),
+        ("score_test_ekfac:layers=5", "layers are module names joined by"),
+        ("score_test_ekfac:samples=1.5", "samples must be an integer >= 2"),
+        ("score_test_ekfac:batch_size=true", "batch_size must be an integer >= 1"),
+        ("error_reduction:lam=abc", "lam is a number; got 'abc'"),
+    ],
+)
+def test_score_parameters_of_the_wrong_type_fail_with_a_hint(spec: str, message: str) -> None:
+    """Parameters come from the command line as text, numbers or booleans: each score checks
+    them before any work, with one line that says what it expects."""
+    (score,) = parse_detector_scores(spec, "vae")
+    lossy = "downsample" if spec.startswith("error_reduction") else "none"
+    with pytest.raises(UserError, match=message):
+        score.check(create_detector("vae", 1, 28, lossy=lossy, **TINY_VAE))
+
+
 def test_score_checks_refuse_what_the_model_cannot_give() -> None:
     plain = create_detector("vae", 1, 28, lossy="none", **TINY_VAE)
     with pytest.raises(UserError, match="lossy=downsample"):

@@ -155,7 +155,7 @@ def test_score_test_ekfac_refuses_what_it_cannot_give() -> None:
     restoring = create_detector("vae", 1, 28, width=2, latent=3)  # lossy=downsample
     with pytest.raises(UserError, match="needs a plain VAE"):
         ScoreTestEKFAC().check(restoring)
-    with pytest.raises(UserError, match="samples must be >= 2"):
+    with pytest.raises(UserError, match="samples must be an integer >= 2"):
         ScoreTestEKFAC(samples=1).check(tiny_vae())
     with pytest.raises(UserError, match="must be fit"):
         ScoreTestEKFAC().score_batch(tiny_vae(), torch.rand(2, 1, 28, 28))

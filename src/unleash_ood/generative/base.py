@@ -74,6 +74,18 @@ def clip_gradients(groups: list[list[nn.Parameter]], max_norm: float) -> None:
             torch.nn.utils.clip_grad_norm_(group, max_norm)
 
 
+def require_integers(owner: str, least: int, **values: Any) -> None:
+    """Raise a ``UserError`` unless every value is an integer ``>= least`` (a score's
+    parameters come from the command line, so they may be anything)."""
+    names = list(values)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) for v in values.values())
+    if not ok or min(values.values()) < least:
+        if len(names) == 1:
+            raise UserError(f"{owner}'s {names[0]} must be an integer >= {least}")
+        listed = f"{', '.join(names[:-1])} and {names[-1]}"
+        raise UserError(f"{owner}'s {listed} must be integers >= {least}")
+
+
 class DetectorScore:
     """Base of every generative score; subclasses are dataclasses whose init fields are the
     user's parameters. ``kinds`` lists the models the score works on."""

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from unleash_ood.data.base import ImageSet
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
-from unleash_ood.generative.base import DetectorScore
+from unleash_ood.generative.base import DetectorScore, require_integers
 from unleash_ood.generative.diffusion import Diffusion
 
 COVARIANCES = ("full", "tied", "diag", "spherical")
@@ -70,9 +70,13 @@ class DiffPath(DetectorScore):
             raise UserError(
                 f"unknown covariance {self.covariance!r}; choose {', '.join(COVARIANCES)}"
             )
-        counts = (self.components, self.samples, self.batch_size)
-        if not all(isinstance(v, int) for v in counts) or min(counts) < 1:
-            raise UserError("diffpath's components, samples and batch_size must be integers >= 1")
+        require_integers(
+            self.name,
+            1,
+            components=self.components,
+            samples=self.samples,
+            batch_size=self.batch_size,
+        )
         model.ddim_timesteps(self.steps)  # refuses a bad step count
 
     def statistics(self, model: Diffusion, x: torch.Tensor) -> np.ndarray:

@@ -76,6 +76,8 @@ class ErrorReduction(DetectorScore):
     kinds: ClassVar[tuple[str, ...]] = ("vae",)
 
     def check(self, model: VAE) -> None:
+        if isinstance(self.lam, bool) or not isinstance(self.lam, int | float):
+            raise UserError(f"error_reduction's lam is a number; got {self.lam!r}")
         if model.lossy == "none":
             raise UserError(
                 "error_reduction needs a VAE trained to restore lossy inputs; train one with "

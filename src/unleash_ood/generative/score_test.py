@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from unleash_ood.data.base import ImageSet
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
-from unleash_ood.generative.base import DetectorScore
+from unleash_ood.generative.base import DetectorScore, require_integers
 from unleash_ood.generative.vae import VAE, require_plain
 
 DAMPING = 1e-3  # the authors' 1000 I starting inverse
@@ -103,6 +103,12 @@ class ScoreTest(DetectorScore):
 
     def check(self, model: VAE) -> None:
         require_plain(model, self.name)
+        require_integers(self.name, 2, samples=self.samples)
+        require_integers(self.name, 1, splits=self.splits, batch_size=self.batch_size)
+        if not isinstance(self.layers, str):
+            raise UserError(
+                f"score_test: layers are parameter names joined by +; got {self.layers!r}"
+            )
         params = dict(model.named_parameters())
         for name in self.names():
             if name not in params:
@@ -114,8 +120,6 @@ class ScoreTest(DetectorScore):
                     f"score_test: {name} rows of {p[0].numel()} values do not split into "
                     f"{self.splits} blocks; choose a weight and splits that divides its rows"
                 )
-        if self.samples < 2 or self.splits < 1 or self.batch_size < 1:
-            raise UserError("score_test: samples must be >= 2, splits and batch_size >= 1")
 
     def _blocked(self, model: VAE, x: torch.Tensor) -> dict[str, torch.Tensor]:
         grads = per_sample_gradients(model, x, self.names())

@@ -48,7 +48,7 @@ from tqdm.auto import tqdm
 from unleash_ood.data.base import ImageSet
 from unleash_ood.device import to_device
 from unleash_ood.errors import UserError
-from unleash_ood.generative.base import DetectorScore
+from unleash_ood.generative.base import DetectorScore, require_integers
 from unleash_ood.generative.score_test import per_sample_gradients
 from unleash_ood.generative.vae import VAE, require_plain
 
@@ -136,9 +136,13 @@ class ScoreTestEKFAC(DetectorScore):
 
     def check(self, model: VAE) -> None:
         require_plain(model, self.name)
+        require_integers(self.name, 2, samples=self.samples)
+        require_integers(self.name, 1, batch_size=self.batch_size)
+        if not isinstance(self.layers, str):
+            raise UserError(
+                f"score_test_ekfac: layers are module names joined by +; got {self.layers!r}"
+            )
         select_layers(model, self.layers)
-        if self.samples < 2 or self.batch_size < 1:
-            raise UserError("score_test_ekfac: samples must be >= 2 and batch_size >= 1")
 
     def _param_names(self, model: VAE) -> list[str]:
         return [
