@@ -15,8 +15,9 @@ against the plain CE fine-tune. ``--resume`` skips every arm whose outputs exist
 The arms run cheapest first: the ``paper-oe`` fine-tunes of every seed, then the watermarks
 (each 50 epochs of sharpness-aware steps on ID and noise batches, far more than a fine-tune).
 ``--systems`` runs some systems only; the tables hold every arm finished so far, run now or
-before. ``--smoke`` runs the mechanics in minutes (one seed, one epoch, a small CNN pretrained
-on 1000 images, few scorers) into ``runs/related-smoke``; its figures are not results.
+before, and are rewritten after each arm (a watermark takes hours). ``--smoke`` runs the
+mechanics in minutes (one seed, one epoch, a small CNN pretrained on 1000 images, few scorers)
+into ``runs/related-smoke``; its figures are not results.
 
 Writes ``<out>.md`` and ``<out>.json`` (default ``benchmarks/results/related``); the runs
 themselves go under ``--runs`` (default ``runs/related``).
@@ -31,6 +32,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from _common import METRICS, summarise
@@ -112,37 +115,58 @@ def finished(folder: Path, trains: bool) -> bool:
     return all(part.exists() for part in parts)
 
 
-def run_all(args: argparse.Namespace) -> dict[str, list[dict]]:
-    """Run the arms of ``--systems`` and read back every other arm already finished."""
+def run_arm(
+    args: argparse.Namespace, name: str, seed: int | None, train: list[str] | None, resume: bool
+) -> dict:
+    """Train (if the arm trains anything) and evaluate one arm, or read it back when it has
+    finished and ``resume`` holds; its row of the tables."""
     common = ["--device", "cpu", "--no-progress", *args.data]
+    folder = args.runs / (name if seed is None else f"{name}-seed{seed}")
+    checkpoint = Path(args.start)
+    cost = None
+    if train is not None:
+        epochs = ["--epochs", str(args.epochs)] if args.epochs else []
+        argv = [*train, *epochs, "--from", args.start, "--out", str(folder / "run"), *common]
+        checkpoint = folder / "run" / "checkpoints" / "final"
+        cost = timed(folder / "run", argv, checkpoint.with_suffix(".json"), resume)
     scorers = SMOKE_POSTHOC if args.smoke else POSTHOC
-    results: dict[str, list[dict]] = {}
-    for name, seed, train in arms(args):
+    evaluation, eval_cost = evaluate_arm(checkpoint, folder / "eval", common, scorers, resume)
+    best = best_posthoc(evaluation)
+    print(f"{folder.name}: done (best post-hoc on validation: {best})", flush=True)
+    return {
+        "seed": seed,
+        "train_cost": cost,
+        "eval_cost": eval_cost,
+        "best_posthoc": best,
+        **{s: summarise(evaluation, s) for s in ("msp", "energy", best)},
+    }
+
+
+def run_all(args: argparse.Namespace, write: Callable[[dict[str, list[dict]]], None]) -> None:
+    """Run the arms of ``--systems``; ``write`` gets the rows of every finished arm, run now or
+    before, first from what has finished (so a rerun never drops an arm from the tables), then
+    again after each arm that runs."""
+    listed = arms(args)
+    rows: dict[int, dict] = {}
+
+    def grouped() -> dict[str, list[dict]]:
+        out: dict[str, list[dict]] = {}
+        for i in sorted(rows):
+            out.setdefault(listed[i][0], []).append(rows[i])
+        return out
+
+    pending = []
+    for i, (name, seed, train) in enumerate(listed):
         folder = args.runs / (name if seed is None else f"{name}-seed{seed}")
         selected = name in args.systems
-        if not selected and not finished(folder, train is not None):
-            continue
-        resume = args.resume or not selected
-        checkpoint = Path(args.start)
-        cost = None
-        if train is not None:
-            epochs = ["--epochs", str(args.epochs)] if args.epochs else []
-            argv = [*train, *epochs, "--from", args.start, "--out", str(folder / "run"), *common]
-            checkpoint = folder / "run" / "checkpoints" / "final"
-            cost = timed(folder / "run", argv, checkpoint.with_suffix(".json"), resume)
-        evaluation, eval_cost = evaluate_arm(checkpoint, folder / "eval", common, scorers, resume)
-        best = best_posthoc(evaluation)
-        results.setdefault(name, []).append(
-            {
-                "seed": seed,
-                "train_cost": cost,
-                "eval_cost": eval_cost,
-                "best_posthoc": best,
-                **{s: summarise(evaluation, s) for s in ("msp", "energy", best)},
-            }
-        )
-        print(f"{folder.name}: done (best post-hoc on validation: {best})", flush=True)
-    return results
+        if finished(folder, train is not None) and (args.resume or not selected):
+            rows[i] = run_arm(args, name, seed, train, resume=True)
+        elif selected:
+            pending.append(i)
+    write(grouped())
+    for i in pending:
+        rows[i] = run_arm(args, *listed[i], resume=args.resume)
+        write(grouped())
 
 
 def tables(results: dict[str, list[dict]]) -> str:
@@ -218,7 +242,12 @@ def main() -> None:
         p.error(f"--systems takes {','.join(SYSTEMS)}, not {','.join(unknown)}")
     if args.smoke:
         smoke_start(args)
-    results = run_all(args)
+    run_all(args, partial(write_tables, args))
+    print(Path(f"{args.out}.md").read_text())
+
+
+def write_tables(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
+    """``<out>.md`` and ``<out>.json`` from the rows of every finished arm."""
     title = "## Related systems on fmnist" + (" (SMOKE TEST: not results)" if args.smoke else "")
     text = (
         f"{title}\n\nFrom {args.start}; every arm finished so far (seeds per row; "
@@ -228,7 +257,6 @@ def main() -> None:
     Path(f"{args.out}.md").parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(text)
     atomic_write_json(Path(f"{args.out}.json"), {"smoke": args.smoke, "results": results})
-    print(text)
 
 
 if __name__ == "__main__":
