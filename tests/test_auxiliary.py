@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from unleash_ood.data import bundled
-from unleash_ood.data.auxiliary import load_aux, padded_crops, read_imagenet_batch
+from unleash_ood.data.auxiliary import check_aux, load_aux, padded_crops, read_imagenet_batch
 from unleash_ood.errors import UserError
 
 
@@ -124,9 +124,23 @@ def test_imagenet_pickle_that_runs_code_is_refused(tmp_path: Path) -> None:
     [
         (lambda p: p / "missing", "no such file or folder"),
         (lambda p: p, "neither image files nor ImageNet batch files"),
-        (lambda p: (p / "a.txt").write_text("x") and p / "a.txt", "unknown auxiliary file type"),
+        (lambda p: (p / "a.txt").write_text("x") and p / "a.txt", "unknown outlier file type"),
+        (lambda p: (p / "a.npy").write_bytes(b"not an array") and p / "a.npy", "not a readable"),
     ],
 )
 def test_bad_sources_are_one_line_errors(tmp_path: Path, make, message: str) -> None:
+    """check_aux refuses what load_aux could not read, and load_aux refuses it the same way."""
+    source = str(make(tmp_path))
     with pytest.raises(UserError, match=message):
-        load_aux(str(make(tmp_path)), 28, 1)
+        check_aux(source)
+    with pytest.raises(UserError, match=message):
+        load_aux(source, 28, 1)
+
+
+def test_check_aux_accepts_every_readable_source(tmp_path: Path) -> None:
+    check_aux("bundled")
+    np.save(tmp_path / "a.npy", np.zeros((2, 8, 8), np.uint8))
+    check_aux(str(tmp_path / "a.npy"))
+    (tmp_path / "batches").mkdir()
+    np.savez(tmp_path / "batches" / "train_data_batch_1.npz", data=np.zeros((2, 12), np.uint8))
+    check_aux(str(tmp_path / "batches"))

@@ -282,6 +282,22 @@ def test_detector_commands_refuse_bad_input(
     assert "Adam has no Nesterov" in capsys.readouterr().err
     assert main(train_argv(tmp_path / "r", 1, "--model-arg", "lossy=blur")) == 2
     assert "unknown lossy operation 'blur'" in capsys.readouterr().err
+    for arg, message in (
+        ("width=0", "option width takes a positive integer (default 32), not 0"),
+        ("width=abc", "option width takes a positive integer (default 32), not 'abc'"),
+        ("beta=-1", "option beta takes a finite number >= 0 (default 1.0), not -1"),
+        ("beta=true", "option beta takes a finite number >= 0 (default 1.0), not True"),
+        ("depth=2", "does not take depth; its options: width=32, latent=100"),
+    ):
+        assert main(train_argv(tmp_path / "r", 1, "--model-arg", arg)) == 2
+        assert message in capsys.readouterr().err
+    for flags, message in (
+        (["--beta2", "1"], "--beta2 is one of Adam's betas: it must lie in [0, 1), not 1.0"),
+        (["--grad-clip", "nan"], "--grad-clip must be >= 0 (0: off), not nan"),
+    ):
+        assert main(train_argv(tmp_path / "r", 1, *flags)) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
     classifier = tmp_path / "cnn"
     model = create_model("cnn", num_classes=10, in_channels=1, width=2)
     save_checkpoint(classifier, model, model_spec(model, "cnn", 28, {"width": 2}))

@@ -263,6 +263,14 @@ def test_bad_outlier_flags_are_one_line_errors(capsys, fmnist_dir, tiny_checkpoi
     args = ["--outliers", "oe", "--method", "ce", "--aux-ratio", "0"]
     assert main(_finetune_args(fmnist_dir, tiny_checkpoint, tmp_path / "b", *args)) == 2
     assert "--aux-ratio must be a finite number > 0" in capsys.readouterr().err
+    # a source that exists but cannot be read is refused before xi is estimated, for UM too
+    (tmp_path / "outliers.json").write_text("{}")
+    for flags in (["--aux", "oe"], ["--wild", "woods"]):
+        source, method = flags
+        args = ["--outliers", method, "--method", "um", source, str(tmp_path / "outliers.json")]
+        assert main(_finetune_args(fmnist_dir, tiny_checkpoint, tmp_path / "c", *args)) == 2
+        assert "unknown outlier file type '.json'" in capsys.readouterr().err
+        assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("outliers", ["poem", "doe"])

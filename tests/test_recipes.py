@@ -282,3 +282,15 @@ def test_training_flags_are_built_from_the_specs_fields() -> None:
                 assert flags[f.name].help.startswith(f.metadata["help"].replace("%", "%%"))
     assert flags["n_masks"].default == FinetuneSpec().n_masks
     assert flags["epochs"].default is None  # finetune: the --recipe's value unless given
+
+
+def test_recipe_flag_help_names_the_default_each_command_uses() -> None:
+    """finetune's unset flags take the --recipe's value; detector train has no --recipe, its
+    unset flags take the --kind's own recipe, and its help says so."""
+    commands = build_parser()._subparsers._group_actions[0].choices
+    finetune = {a.dest: a for a in commands["finetune"]._actions}
+    detector = commands["detector"]._subparsers._group_actions[0].choices["train"]
+    train = {a.dest: a for a in detector._actions}
+    assert finetune["lr"].help.endswith("(default: the --recipe's value)")
+    assert train["lr"].help.endswith("(default: the --kind's own recipe)")
+    assert "recipe" not in train

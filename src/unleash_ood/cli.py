@@ -287,18 +287,25 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 _FLAG_TYPES = {"int": int, "float": float, "str": str}
 
 
-def _add_spec_flags(p: argparse.ArgumentParser, spec, names: Sequence[str], defaults) -> None:
+def _add_spec_flags(
+    p: argparse.ArgumentParser,
+    spec,
+    names: Sequence[str],
+    defaults,
+    recipe: str = "the --recipe's value",
+) -> None:
     """One ``--field-name`` flag per field of the spec dataclass ``spec`` in ``names``, from the
     field's type and :func:`~unleash_ood.specs.knob` metadata. ``defaults`` is an instance
     whose values the flags default to, or None when a named recipe supplies every value a
-    flag does not set (``finetune --recipe``)."""
+    flag does not set (``finetune --recipe``, ``detector train --kind``); the help then names
+    that default with ``recipe``."""
     fields = {f.name: f for f in dataclasses.fields(spec)}
     for name in names:
         f = fields[name]
         default = None if defaults is None else getattr(defaults, name)
         text = f.metadata["help"].replace("%", "%%")
         if defaults is None:
-            text += " (default: the --recipe's value)"
+            text += f" (default: {recipe})"
         kwargs = {"default": default, "help": text}
         if f.type == "bool":
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -309,9 +316,9 @@ def _add_spec_flags(p: argparse.ArgumentParser, spec, names: Sequence[str], defa
         p.add_argument("--" + name.replace("_", "-"), **kwargs)
 
 
-def _add_recipe_args(p: argparse.ArgumentParser, defaults) -> None:
+def _add_recipe_args(p: argparse.ArgumentParser, defaults, **named) -> None:
     """Optimisation flags shared by the training commands (see :func:`_add_spec_flags`)."""
-    _add_spec_flags(p, Recipe, RECIPE_FLAGS, defaults)
+    _add_spec_flags(p, Recipe, RECIPE_FLAGS, defaults, **named)
 
 
 RECIPE_FLAGS = (
@@ -839,7 +846,7 @@ def _add_detector_commands(sub) -> None:
         metavar="KEY=VALUE",
         help="model option, e.g. width=16 or lossy=none (repeatable)",
     )
-    _add_recipe_args(p, None)
+    _add_recipe_args(p, None, recipe="the --kind's own recipe")
     p.add_argument("--beta2", type=float, default=None, help="Adam's beta2 (--momentum: beta1)")
     p.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clip, 0 = off")
     p.add_argument(

@@ -29,8 +29,8 @@ def _finite(name: str, value: float, low: float, low_open: bool = False) -> None
         or value < low
         or (low_open and value == low)
     ):
-        bound = f"> {low:g}" if low_open else f">= {low:g}"
-        raise UserError(f"{name} must be a finite number {bound}, not {value!r}")
+        bound = "" if low == -math.inf else f" > {low:g}" if low_open else f" >= {low:g}"
+        raise UserError(f"{name} must be a finite number{bound}, not {value!r}")
 
 
 def knob(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:

@@ -38,8 +38,8 @@ BUNDLED = "bundled"
 BATCH_GLOB = "*data_batch_*"
 CROP_PADDING = 4
 HOW = (
-    "pass --aux bundled, a .npy file of uint8 images, a folder of images, or a folder of "
-    "downsampled-ImageNet batch files"
+    "pass bundled (to --aux or --wild), a .npy file of uint8 images, a folder of images, or a "
+    "folder of downsampled-ImageNet batch files"
 )
 
 
@@ -118,23 +118,42 @@ def read_imagenet_batches(
     return kept
 
 
+def check_aux(source: str) -> None:
+    """Refuse, in one line and before any work, a source :func:`load_aux` could not read: a
+    missing path, a file that is not a ``.npy`` array of uint8 images (only its header is
+    read), a folder with neither batch files nor images. A batch file's contents are checked
+    when it is read."""
+    if source == BUNDLED:
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UserError(f"outliers {source!r}: no such file or folder; {HOW}")
+    if path.is_file():
+        if path.suffix != ".npy":
+            raise UserError(f"{path}: unknown outlier file type {path.suffix!r}; {HOW}")
+        read_npy_images(path)
+    elif not _batch_files(path) and not list_images(path):
+        raise UserError(f"{path}: holds neither image files nor ImageNet batch files; {HOW}")
+
+
+def _batch_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob(BATCH_GLOB) if p.is_file())
+
+
 def load_aux(
     source: str, size: int, channels: int, limit: int | None = None, seed: int = 0
 ) -> ImageSet:
     """The auxiliary outliers named by ``source`` (see the module docstring), ``limit`` of them."""
+    check_aux(source)
     if source == BUNDLED:
         images = to_format(AUX_SET.load(), size, channels)
         return ImageSet("aux-bundled", images[_seeded_subset(len(images), limit, seed)])
     path = Path(source).expanduser()
-    if not path.exists():
-        raise UserError(f"auxiliary outliers {source!r}: no such file or folder; {HOW}")
     if path.is_file():
-        if path.suffix != ".npy":
-            raise UserError(f"{path}: unknown auxiliary file type {path.suffix!r}; {HOW}")
         array = read_npy_images(path)
         index = _seeded_subset(len(array), limit, seed)
         return ImageSet(f"aux-{path.stem}", to_format(np.asarray(array[index]), size, channels))
-    batches = sorted(p for p in path.glob(BATCH_GLOB) if p.is_file())
+    batches = _batch_files(path)
     if batches:
         # Reading 1.28M images takes minutes: the drawn subset is cached, keyed by the files.
         key = f"aux/{path.name}-{limit}-{seed}-crop-{signature(batches, size, channels)}"
@@ -142,6 +161,4 @@ def load_aux(
             key, lambda: read_imagenet_batches(batches, limit, seed, size, channels).numpy()
         )
         return ImageSet(f"aux-{path.name}", torch.from_numpy(images))
-    if not list_images(path):
-        raise UserError(f"{path}: holds neither image files nor ImageNet batch files; {HOW}")
     return ImageSet(f"aux-{path.name}", load_image_folder(path, size, channels, limit, seed))

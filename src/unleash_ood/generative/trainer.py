@@ -65,8 +65,11 @@ class DetectorRecipe(Recipe):
             raise UserError(f"unknown detector kind {self.model!r}; choose {', '.join(MODELS)}")
         if self.nesterov:
             raise UserError("Adam has no Nesterov momentum; drop --nesterov")
-        if not (0 <= self.momentum < 1 and 0 <= self.beta2 < 1) or self.grad_clip < 0:
-            raise UserError("Adam's betas must lie in [0, 1) and --grad-clip must be >= 0")
+        for flag, beta in (("--momentum", self.momentum), ("--beta2", self.beta2)):
+            if not 0 <= beta < 1:
+                raise UserError(f"{flag} is one of Adam's betas: it must lie in [0, 1), not {beta}")
+        if not self.grad_clip >= 0:
+            raise UserError(f"--grad-clip must be >= 0 (0: off), not {self.grad_clip}")
 
 
 # Each kind's defaults, from its authors' code.

@@ -326,6 +326,8 @@ def finetune_run(
             f"{start} is a watermarked model (a frozen model plus an input pattern); "
             f"fine-tune the model it was made from"
         )
+    if spec.outliers is not None:
+        outlier_class(spec.outliers.method).check_source(spec.outliers)
     ctx = ctx.on(with_start_training_data(ctx.benchmark, start))
     out = ctx.out
     if spec.loss == "alpa":

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unleash_ood.augment import augment
-from unleash_ood.data.auxiliary import load_aux
+from unleash_ood.data.auxiliary import check_aux, load_aux
 from unleash_ood.data.base import Benchmark, ImageData
 from unleash_ood.data.streaming import load_batches
 from unleash_ood.device import to_device
@@ -177,6 +177,11 @@ class OutlierObjective(Objective):
 
     def setup(self) -> None:
         """What a method prepares beyond the shared state (POEM: its selector)."""
+
+    @classmethod
+    def check_source(cls, spec: OutlierSpec) -> None:
+        """Refuse an unreadable outlier source before xi is estimated or anything trained."""
+        check_aux(spec.aux)
 
     @classmethod
     def outlier_source(cls, spec: OutlierSpec, benchmark: Benchmark, recipe: Recipe) -> Any:

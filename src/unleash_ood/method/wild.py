@@ -81,7 +81,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from unleash_ood.data.auxiliary import load_aux
+from unleash_ood.data.auxiliary import check_aux, load_aux
 from unleash_ood.data.base import Benchmark, ImageData
 from unleash_ood.data.concat import ConcatData
 from unleash_ood.data.streaming import sequential_batches
@@ -312,6 +312,10 @@ class WildObjective(OutlierObjective):
         self.false_alarm = Multiplier(weight=alm.initial_weight)
         self.classification = Multiplier(weight=alm.initial_weight)
         self.base_loss: float | None = None
+
+    @classmethod
+    def check_source(cls, spec: OutlierSpec) -> None:
+        check_aux(spec.wild)
 
     @classmethod
     def outlier_source(cls, spec: OutlierSpec, benchmark: Benchmark, recipe: Recipe) -> WildMix:
