@@ -287,7 +287,7 @@ def test_detector_commands_refuse_bad_input(
         ("width=abc", "option width takes a positive integer (default 32), not 'abc'"),
         ("beta=-1", "option beta takes a finite number >= 0 (default 1.0), not -1"),
         ("beta=true", "option beta takes a finite number >= 0 (default 1.0), not True"),
-        ("depth=2", "does not take depth; its options: width=32, latent=100"),
+        ("depth=2", "does not accept depth; its options are: width=32, latent=100"),
     ):
         assert main(train_argv(tmp_path / "r", 1, "--model-arg", arg)) == 2
         assert message in capsys.readouterr().err

@@ -19,6 +19,7 @@ LOWER = (
     "metrics",
     "outputs",
     "errors",
+    "options",
     "specs",
     "rng",
     "rundir",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -78,7 +79,7 @@ def test_densenet_takes_the_official_non_affine_batchnorm():
     assert bns and all(m.weight is None and m.track_running_stats for m in bns)
     affine = create_model("densenet100", 10)
     assert n_params(affine) - n_params(plain) == sum(2 * m.num_features for m in bns)
-    with pytest.raises(UserError, match="bn_affine must be true or false"):
+    with pytest.raises(UserError, match="bn_affine takes true or false"):
         create_model("densenet100", 10, bn_affine="no")
 
 
@@ -107,14 +108,35 @@ def test_unknown_model_lists_valid_names():
 @pytest.mark.parametrize(
     ("name", "kwargs", "message"),
     [
-        ("resnet18", {"widht": 8}, r"does not accept widht; its options are: width"),
-        ("wrn40_2", {"depth": 28}, r"does not accept depth; its options are: drop_rate"),
-        ("densenet100", {"bottleneck": False}, r"options are: growth_rate, reduction, drop_rate"),
+        ("resnet18", {"widht": 8}, r"does not accept widht; its options are: width=64"),
+        ("wrn40_2", {"depth": 28}, r"does not accept depth; its options are: drop_rate=0.3"),
+        (
+            "densenet100",
+            {"bottleneck": False},
+            r"growth_rate=12, reduction=0.5, drop_rate=0.0",
+        ),
     ],
 )
 def test_unknown_option_names_the_accepted_ones(name: str, kwargs: dict, message: str):
     with pytest.raises(UserError, match=message):
         create_model(name, 10, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"width": 0}, "option width takes a positive integer (default 32), not 0"),
+        ({"width": "abc"}, "option width takes a positive integer (default 32), not 'abc'"),
+        ({"width": 2.5}, "option width takes a positive integer (default 32), not 2.5"),
+        ({"width": True}, "option width takes a positive integer (default 32), not True"),
+    ],
+)
+def test_option_values_of_the_wrong_kind_are_refused(kwargs: dict, message: str) -> None:
+    with pytest.raises(UserError, match=re.escape(message)):
+        create_model("cnn", 10, **kwargs)
+    with pytest.raises(UserError, match=r"drop_rate takes a finite number >= 0 \(default 0.3\)"):
+        create_model("wrn40_2", 10, drop_rate=float("nan"))
+    create_model("wrn40_2", 10, drop_rate=0)  # an integer where a float is expected
 
 
 def test_bad_arguments_are_user_errors():

@@ -293,4 +293,5 @@ def test_recipe_flag_help_names_the_default_each_command_uses() -> None:
     train = {a.dest: a for a in detector._actions}
     assert finetune["lr"].help.endswith("(default: the --recipe's value)")
     assert train["lr"].help.endswith("(default: the --kind's own recipe)")
+    assert train["augment"].help == "none, flip, crop, crop+flip (default: the --kind's own recipe)"
     assert "recipe" not in train

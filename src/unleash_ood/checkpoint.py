@@ -214,9 +214,9 @@ def build_model(meta: dict[str, Any]) -> Classifier:
             std=meta["std"],
             **meta.get("model_kwargs", {}),
         )
+    except UserError as e:
+        raise UserError(f"the checkpoint's model cannot be built: {e}") from e
     except (TypeError, ValueError, RuntimeError) as e:
-        if isinstance(e, UserError):
-            raise
         raise UserError(
             f"the sidecar's architecture {meta['architecture']!r} with options "
             f"{meta.get('model_kwargs', {})} cannot be built ({e}); the checkpoint is damaged"

@@ -245,10 +245,14 @@ def _add_track_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_track(args: argparse.Namespace) -> None:
+    from unleash_ood.checkpoint import epoch_checkpoints
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
+    from unleash_ood.scores import parse_scorer_list
     from unleash_ood.track import track_run
 
+    parse_scorer_list(args.scores)
+    epoch_checkpoints(Path(args.out))  # a run without epochs fails before the data loads
     tracker = _tracker(
         args, load_benchmark(args.benchmark, args.data_dir), resolve_device(args.device)
     )
@@ -293,17 +297,18 @@ def _add_spec_flags(
     names: Sequence[str],
     defaults,
     recipe: str = "the --recipe's value",
+    helps: dict[str, str] | None = None,
 ) -> None:
     """One ``--field-name`` flag per field of the spec dataclass ``spec`` in ``names``, from the
     field's type and :func:`~unleash_ood.specs.knob` metadata. ``defaults`` is an instance
     whose values the flags default to, or None when a named recipe supplies every value a
     flag does not set (``finetune --recipe``, ``detector train --kind``); the help then names
-    that default with ``recipe``."""
+    that default with ``recipe``. ``helps`` replaces the help of some fields."""
     fields = {f.name: f for f in dataclasses.fields(spec)}
     for name in names:
         f = fields[name]
         default = None if defaults is None else getattr(defaults, name)
-        text = f.metadata["help"].replace("%", "%%")
+        text = (helps or {}).get(name, f.metadata["help"]).replace("%", "%%")
         if defaults is None:
             text += f" (default: {recipe})"
         kwargs = {"default": default, "help": text}
@@ -576,6 +581,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import time
 
     from unleash_ood.checkpoint import atomic_write_json
+    from unleash_ood.data import data_roots
     from unleash_ood.demo import DemoPlan, run_demo
     from unleash_ood.device import resolve_device
 
@@ -586,6 +592,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
         raise UserError("--quick already retrains (with the quick recipe); pass one of the two")
     plan = DemoPlan.quick() if args.quick else DemoPlan(train=args.train)
     device = resolve_device(args.device)
+    data_roots(args.data_dir)  # a missing --data-dir fails before the run folder is made
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "config.json", {"command": "demo", **_config(args)})
     result = run_demo(out, args.data_dir, device, plan, progress=not args.no_progress)
@@ -846,7 +853,12 @@ def _add_detector_commands(sub) -> None:
         metavar="KEY=VALUE",
         help="model option, e.g. width=16 or lossy=none (repeatable)",
     )
-    _add_recipe_args(p, None, recipe="the --kind's own recipe")
+    _add_recipe_args(
+        p,
+        None,
+        recipe="the --kind's own recipe",
+        helps={"augment": "none, flip, crop, crop+flip"},
+    )
     p.add_argument("--beta2", type=float, default=None, help="Adam's beta2 (--momentum: beta1)")
     p.add_argument("--grad-clip", type=float, default=None, help="gradient-norm clip, 0 = off")
     p.add_argument(
@@ -976,7 +988,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="fit scorers on a class-stratified sample of N ID training images (default: all)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the --fit-samples draw")
+    p.add_argument(
+        "--seed", type=non_negative_int, default=0, help="seed of the --fit-samples draw"
+    )
     _add_data_args(p)
     _add_run_args(p)
     p.add_argument(
@@ -1082,7 +1096,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--mask-fraction", type=fraction, default=0.035, help="fraction of weights zeroed per layer"
     )
-    p.add_argument("--seed", type=int, default=0, help="seed of the random masks")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random masks")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     _add_workers_arg(p)
@@ -1146,7 +1160,7 @@ def _run_folder_lock(args: argparse.Namespace) -> AbstractContextManager:
     out = getattr(args, "out", None)
     if out is None or os.environ.get("RANK", "0") != "0":
         return nullcontext()
-    return out_lock(Path(out))
+    return out_lock(Path(out), "RUN" if args.command == "track" else "--out")
 
 
 def _resumable(args: argparse.Namespace) -> bool:

@@ -35,10 +35,11 @@ def check_out(out: Path) -> None:
         )
 
 
-def check_writable(out: Path) -> None:
-    """Refuse an ``out`` that is a file, or that cannot be made or written."""
+def check_writable(out: Path, name: str = "--out") -> None:
+    """Refuse an ``out`` that is a file, or that cannot be made or written; ``name``: what the
+    command line calls it."""
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file; give a folder (it is created if absent)")
+        raise UserError(f"{name} {out} is a file; give a folder")
     parent = out
     while not parent.exists():
         parent = parent.parent
@@ -50,7 +51,7 @@ LOCK_FILE = ".lock"
 
 
 @contextmanager
-def out_lock(out: Path) -> Iterator[None]:
+def out_lock(out: Path, name: str = "--out") -> Iterator[None]:
     """Hold an exclusive lock on the run folder ``out`` while a command writes into it.
 
     A second command aimed at the same folder is refused at once instead of both writing
@@ -59,7 +60,7 @@ def out_lock(out: Path) -> Iterator[None]:
     this command created is removed again if the command leaves nothing in it (e.g. it
     stopped at a bad flag).
     """
-    check_writable(out)
+    check_writable(out, name)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE

@@ -17,8 +17,6 @@ Train with :func:`unleash_ood.generative.trainer.train_detector`, score with
 
 from __future__ import annotations
 
-import inspect
-import math
 from typing import Any
 
 from unleash_ood.errors import UserError
@@ -31,6 +29,7 @@ from unleash_ood.generative.mim import MaskedImageModel
 from unleash_ood.generative.score_test import ScoreTest
 from unleash_ood.generative.score_test_ekfac import ScoreTestEKFAC
 from unleash_ood.generative.vae import ELBO, VAE
+from unleash_ood.options import check_options
 
 MODELS: dict[str, type[GenerativeModel]] = {
     cls.kind: cls for cls in (VAE, AMA, Diffusion, MaskedImageModel)
@@ -54,13 +53,11 @@ def create_detector(
 ) -> GenerativeModel:
     """An untrained detector model by kind, e.g. ``create_detector("vae", 1, 28, width=16)``.
 
-    Each option must be one the kind takes and of its default's type: every integer option
-    (widths, depths, counts) is a positive integer, every float option (weights, rates) a
-    finite number >= 0, where an integer is accepted too; the models check their own ranges
-    beyond that. Anything else is refused in one line before the model is built."""
+    Options are checked by :func:`~unleash_ood.options.check_options` before the model is
+    built; the models check their own ranges beyond that."""
     if kind not in MODELS:
         raise UserError(f"unknown detector kind {kind!r}; choose {', '.join(MODELS)}")
-    _check_options(kind, options)
+    check_options(f"detector {kind!r}", MODELS[kind], options, skip=("in_channels", "input_size"))
     try:
         return MODELS[kind](in_channels=in_channels, input_size=input_size, **options)
     except UserError:
@@ -69,40 +66,6 @@ def create_detector(
         raise UserError(
             f"detector {kind!r} cannot be built with options {options} ({e}); check the values"
         ) from e
-
-
-EXPECTED = {
-    int: "a positive integer",
-    float: "a finite number >= 0",
-    bool: "true or false",
-    str: "a string",
-}
-
-
-def _check_options(kind: str, options: dict[str, Any]) -> None:
-    params = inspect.signature(MODELS[kind]).parameters
-    defaults = {n: p.default for n, p in params.items() if n not in ("in_channels", "input_size")}
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        accepted = ", ".join(f"{n}={v!r}" for n, v in defaults.items())
-        raise UserError(
-            f"detector {kind!r} does not take {', '.join(unknown)}; its options: {accepted}"
-        )
-    for name, value in options.items():
-        expected = type(defaults[name])
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if expected is int:
-            ok = number and isinstance(value, int) and value >= 1
-        elif expected is float:
-            ok = number and math.isfinite(value) and value >= 0
-        else:
-            ok = isinstance(value, expected)
-        if not ok:
-            what = EXPECTED.get(expected, f"a {expected.__name__}")
-            raise UserError(
-                f"detector {kind!r} option {name} takes {what} (default {defaults[name]!r}), "
-                f"not {value!r}"
-            )
 
 
 def _value(text: str) -> Any:

@@ -8,7 +8,6 @@ in_channels, kwargs)`` and be rebuilt with :func:`create_model` before its weigh
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +26,7 @@ from unleash_ood.models.external import (
 from unleash_ood.models.resnet import ResNet18
 from unleash_ood.models.vit import ViT
 from unleash_ood.models.wrn import WideResNet
+from unleash_ood.options import check_options, option_defaults
 
 __all__ = [
     "MODELS",
@@ -61,8 +61,7 @@ class ModelSpec:
 
     def options(self) -> list[str]:
         """The keyword arguments :func:`create_model` may pass on for this architecture."""
-        params = inspect.signature(self.build).parameters
-        return [p for p in params if p not in _COMMON and p not in self.fixed]
+        return list(option_defaults(self.build, _COMMON | set(self.fixed)))
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -119,12 +118,7 @@ def create_model(
             f"unknown model {name!r}; choose one of: {', '.join(model_names())}, "
             f"or {TORCHVISION_PREFIX}<name> for a torchvision classifier"
         )
-    unknown = sorted(set(kwargs) - set(spec.options()))
-    if unknown:
-        accepted = ", ".join(spec.options()) or "none"
-        raise UserError(
-            f"model {name!r} does not accept {', '.join(unknown)}; its options are: {accepted}"
-        )
+    check_options(f"model {name!r}", spec.build, kwargs, skip=_COMMON | set(spec.fixed))
     mean = _channel_stats("mean", mean, in_channels, (0.5,) * in_channels)
     std = _channel_stats("std", std, in_channels, (0.5,) * in_channels)
     try:
@@ -136,6 +130,8 @@ def create_model(
             **spec.fixed,
             **kwargs,
         )
+    except UserError:
+        raise
     except (TypeError, ValueError, RuntimeError) as e:
         raise UserError(
             f"model {name!r} cannot be built with options {kwargs} ({e}); check the values"
