@@ -30,7 +30,7 @@ import torch
 from unleash_ood.augment import random_crop
 from unleash_ood.data.base import ImageSet, cached_array, to_format
 from unleash_ood.data.bundled import AUX_SET
-from unleash_ood.data.formats import list_images, load_image_folder, load_pickle, signature
+from unleash_ood.data.formats import iter_images, load_image_folder, load_pickle, signature
 from unleash_ood.errors import UserError
 from unleash_ood.rng import torch_generator
 
@@ -121,8 +121,8 @@ def read_imagenet_batches(
 def check_aux(source: str) -> None:
     """Refuse, in one line and before any work, a source :func:`load_aux` could not read: a
     missing path, a file that is not a ``.npy`` array of uint8 images (only its header is
-    read), a folder with neither batch files nor images. A batch file's contents are checked
-    when it is read."""
+    read), a folder with neither batch files nor images (the walk stops at the first). A batch
+    file's contents are checked when it is read."""
     if source == BUNDLED:
         return
     path = Path(source).expanduser()
@@ -132,7 +132,7 @@ def check_aux(source: str) -> None:
         if path.suffix != ".npy":
             raise UserError(f"{path}: unknown outlier file type {path.suffix!r}; {HOW}")
         read_npy_images(path)
-    elif not _batch_files(path) and not list_images(path):
+    elif not _batch_files(path) and next(iter_images(path), None) is None:
         raise UserError(f"{path}: holds neither image files nor ImageNet batch files; {HOW}")
 
 

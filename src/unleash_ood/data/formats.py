@@ -20,7 +20,7 @@ import pickle
 import re
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -301,19 +301,21 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".
 CACHE_VERSION = "v1"  # bump when decoding changes, so stale caches are not reused
 
 
-def list_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, symlinks followed), sorted for determinism.
+def iter_images(folder: Path) -> Iterator[Path]:
+    """Image files under ``folder`` (recursive, symlinks followed) in the order found.
 
     Hidden files are skipped: archives packed on macOS carry ``._name.jpg`` resource forks
     that look like images but are not.
     """
-    found = [
-        Path(dirpath, name)
-        for dirpath, _, names in os.walk(folder, followlinks=True)
-        for name in names
-        if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
-    ]
-    return sorted(found, key=lambda p: p.as_posix())
+    for dirpath, _, names in os.walk(folder, followlinks=True):
+        for name in names:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
+                yield Path(dirpath, name)
+
+
+def list_images(folder: Path) -> list[Path]:
+    """:func:`iter_images`, sorted for determinism."""
+    return sorted(iter_images(folder), key=lambda p: p.as_posix())
 
 
 def read_imglist(list_file: Path, base: Path) -> list[Path]:
