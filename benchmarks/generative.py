@@ -3,7 +3,7 @@
     python benchmarks/generative.py [--kinds vae,vae-plain,ama,diffusion,mim] [--seeds 0,1,2]
         [--epochs N] [--width 32] [--device auto] [--runs-dir runs/generative]
         [--out benchmarks/results/generative]
-    python benchmarks/generative.py --measure-steps 5     # time a few VAE steps, then stop
+    python benchmarks/generative.py --measure-steps 5     # time a few steps of each kind, then stop
 
 Each detector kind and seed is one ``unleash detector train --kind KIND`` run with the kind's
 default recipe (the authors': VAE 200 epochs, AMA 100, the diffusion model 100, MOOD's
@@ -42,9 +42,9 @@ import numpy as np
 import torch
 
 from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
-from unleash_ood.data import load_benchmark
+from unleash_ood.data import Benchmark, load_benchmark
 from unleash_ood.demo import shipped_checkpoint
-from unleash_ood.device import resolve_device
+from unleash_ood.device import prepare_model, resolve_device, to_device
 from unleash_ood.generative import create_detector
 from unleash_ood.generative.trainer import detector_recipe
 from unleash_ood.metrics import METRIC_NAMES
@@ -56,9 +56,9 @@ CLASSIFIER_SCORES = ("energy", "knn", "vim", "msp")
 KINDS = ("vae", "vae-plain", "ama", "diffusion", "mim")
 # The detector kind and model options each run kind trains with.
 # AMA's critic is the one of the authors' OOD command (gradient penalty 10, spectral norm).
-DETECTOR = {
-    "vae-plain": ("vae", ["--model-arg", "lossy=none"]),
-    "ama": ("ama", ["--model-arg", "gradient_penalty=10", "--model-arg", "spectral_norm=true"]),
+DETECTOR: dict[str, tuple[str, dict]] = {
+    "vae-plain": ("vae", {"lossy": "none"}),
+    "ama": ("ama", {"gradient_penalty": 10, "spectral_norm": True}),
 }
 # What each kind's evaluation scores: its own scores, or for MOOD's fine-tuned ViT the
 # classifier scores (SSD's single Gaussian is the paper's).
@@ -79,15 +79,23 @@ def unleash(*args: str) -> float:
     return time.perf_counter() - t0
 
 
+def detector_options(kind: str, a: argparse.Namespace) -> tuple[str, dict]:
+    """The detector kind a run kind trains and the model options it trains it with."""
+    detector, options = DETECTOR.get(kind, (kind, {}))
+    if detector == "vae" and a.width is not None:
+        options = {**options, "width": a.width}
+    return detector, options
+
+
 def train_args(run: Path, kind: str, seed: int, a: argparse.Namespace) -> list[str]:
-    detector, options = DETECTOR.get(kind, (kind, []))
-    args = ["detector", "train", "--kind", detector, *options, "--benchmark", "fmnist"]
+    detector, options = detector_options(kind, a)
+    args = ["detector", "train", "--kind", detector, "--benchmark", "fmnist"]
+    for key, value in options.items():
+        args += ["--model-arg", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
     args += ["--out", str(run), "--seed", str(seed), "--device", a.device, "--no-progress"]
     if a.epochs is not None:
         args += ["--epochs", str(a.epochs)]
         args += ["--finetune-epochs", str(a.epochs)] if kind == "mim" else []
-    if detector == "vae" and a.width is not None:
-        args += ["--model-arg", f"width={a.width}"]
     return args
 
 
@@ -101,7 +109,13 @@ def train_seconds(run: Path) -> float:
 
 def train(run: Path, kind: str, seed: int, a: argparse.Namespace) -> None:
     """Train ``run`` unless it has finished (``trained.json``); continue it if started."""
-    if (run / "trained.json").exists():
+    done = run / "trained.json"
+    if done.exists():
+        epochs = json.loads(done.read_text())["epochs"]
+        if epochs != a.epochs:
+            raise SystemExit(
+                f"{run} was trained with --epochs {epochs}, not {a.epochs}; give another --runs-dir"
+            )
         return
     resume = ["--resume"] if (run / "config.json").exists() else []
     unleash(*train_args(run, kind, seed, a), *resume)
@@ -121,14 +135,18 @@ def rows_of(out: Path) -> dict[tuple[str, str], dict[str, float]]:
     return {(r["scorer"], r["dataset"]): r for r in rows if r["split"] == "test"}
 
 
-def tables(runs: list[Path], classifier: Path, out: Path) -> None:
+def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) -> None:
     """Mean ± std over the finished seeds, per score and OOD test set."""
     done = [r for r in runs if (r / "eval" / "metrics.json").exists()]
     per_seed = {r.name: rows_of(r / "eval") for r in done}
     reference = rows_of(classifier) if (classifier / "metrics.json").exists() else {}
     sets = list(dict.fromkeys(d for rows in (*per_seed.values(), reference) for _, d in rows))
-    lines = [f"# Generative detectors on fmnist ({len(done)} of {len(runs)} runs finished)", ""]
-    summary: dict = {"runs": {}, "classifier": {}}
+    recipe = "each kind's own recipe" if epochs is None else f"every kind cut to {epochs} epochs"
+    lines = [
+        f"# Generative detectors on fmnist, {recipe} ({len(done)} of {len(runs)} runs finished)",
+        "",
+    ]
+    summary: dict = {"epochs": epochs, "runs": {}, "classifier": {}}
     for name in sets:
         table = []
         for kind in KINDS:
@@ -175,36 +193,40 @@ def tables(runs: list[Path], classifier: Path, out: Path) -> None:
     atomic_write_json(out.with_suffix(".json"), summary)
 
 
-def measure(a: argparse.Namespace) -> None:
-    """Seconds per training step of the recipe on this machine, and what an epoch costs."""
-    options = {"width": a.width} if a.width is not None else {}
-    recipe = detector_recipe("vae", model_kwargs=options)
+def measure_kind(kind: str, a: argparse.Namespace, bench: Benchmark) -> None:
+    """Print the seconds per training step of ``kind``'s recipe on this machine (the
+    trainer's own ``train_step``, with the options the study trains it with) and what its
+    epochs and seeds cost. MOOD's fine-tuning stage is not timed."""
+    detector, options = detector_options(kind, a)
+    recipe = detector_recipe(detector, model_kwargs=options)
     epochs = a.epochs or recipe.epochs
-    bench = load_benchmark("fmnist")
     device = resolve_device(a.device)
     torch.manual_seed(0)
-    model = create_detector("vae", 1, 28, **options).to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
+    model = prepare_model(create_detector(detector, 1, 28, **options), device)
+    opt = torch.optim.Adam(
+        model.param_groups(),
+        lr=recipe.lr,
+        betas=(recipe.momentum, recipe.beta2),
+        weight_decay=recipe.weight_decay,
+    )
     x, _ = bench.id_train.__getitems__(range(recipe.batch_size))
-    x = x.to(device)
+    x = to_device(x, device)
     times = []
     for _ in range(a.measure_steps + 1):  # the first step warms up
         t0 = time.perf_counter()
-        opt.zero_grad()
-        loss, _ = model.loss(x)
-        loss.backward()
-        opt.step()
+        model.train_step(x, opt, recipe.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
     step = float(np.median(times[1:]))
     steps = len(bench.id_train) // recipe.batch_size
+    seeds = len(a.seeds.split(","))
+    name = f"{kind} {options}" if options else kind
     print(
-        f"vae {options or 'default width'} on {device}: {step:.3f} s per step of "
-        f"{recipe.batch_size} "
+        f"{name} on {device}: {step:.3f} s per step of {recipe.batch_size} "
         f"(median of {a.measure_steps}); {steps} steps = {step * steps / 60:.1f} min per epoch; "
-        f"{epochs} epochs x {len(a.seeds.split(','))} seeds = "
-        f"{step * steps * epochs * len(a.seeds.split(',')) / 3600:.1f} h of training"
+        f"{epochs} epochs x {seeds} seeds = {step * steps * epochs * seeds / 3600:.1f} h",
+        flush=True,
     )
 
 
@@ -217,14 +239,18 @@ def main() -> None:
     p.add_argument("--width", type=int, default=None, help="VAE width (default the authors' 32)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="benchmarks/results/generative")
-    p.add_argument("--measure-steps", type=int, default=0, help="only time this many VAE steps")
+    p.add_argument(
+        "--measure-steps", type=int, default=0, help="only time this many steps of each kind"
+    )
     a = p.parse_args()
     kinds = a.kinds.split(",")
     unknown = sorted(set(kinds) - set(KINDS))
     if unknown:
         p.error(f"unknown kinds {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     if a.measure_steps:
-        measure(a)
+        bench = load_benchmark("fmnist")
+        for kind in kinds:
+            measure_kind(kind, a, bench)
         return
     root = Path(a.runs_dir)
     runs = [
@@ -242,7 +268,7 @@ def main() -> None:
         a.device,
     )
     folders = [run for _, _, run in runs]
-    tables(folders, classifier, Path(a.out))
+    tables(folders, classifier, Path(a.out), a.epochs)
     for kind, seed, run in runs:
         train(run, kind, int(seed), a)
         source = run / "checkpoints" / "best" if kind == "ama" else run
@@ -257,7 +283,7 @@ def main() -> None:
             "--device",
             a.device,
         )
-        tables(folders, classifier, Path(a.out))
+        tables(folders, classifier, Path(a.out), a.epochs)
     print(Path(a.out).with_suffix(".md").read_text())
 
 
