@@ -1124,6 +1124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("track", help="OOD metrics of every saved epoch of a training run")
     p.add_argument("out", metavar="RUN", help="run directory written by 'unleash pretrain'")
+    p.set_defaults(out_name="RUN")  # what messages about the run folder call it
     _add_track_args(p)
     _add_workers_arg(p)
     _add_data_args(p)
@@ -1160,7 +1161,7 @@ def _run_folder_lock(args: argparse.Namespace) -> AbstractContextManager:
     out = getattr(args, "out", None)
     if out is None or os.environ.get("RANK", "0") != "0":
         return nullcontext()
-    return out_lock(Path(out), "RUN" if args.command == "track" else "--out")
+    return out_lock(Path(out), getattr(args, "out_name", "--out"))
 
 
 def _resumable(args: argparse.Namespace) -> bool:
