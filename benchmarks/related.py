@@ -242,13 +242,32 @@ def main() -> None:
         p.error(f"--systems takes {','.join(SYSTEMS)}, not {','.join(unknown)}")
     if args.smoke:
         smoke_start(args)
+    check_epochs(args)
     run_all(args, partial(write_tables, args))
     print(Path(f"{args.out}.md").read_text())
+
+
+def check_epochs(args: argparse.Namespace) -> None:
+    """Keep one ``--epochs`` per runs folder: finished arms are read back, not retrained, so
+    arms of other lengths must not end up in one table."""
+    record = args.runs / "epochs.json"
+    if record.exists():
+        epochs = json.loads(record.read_text())["epochs"]
+        if epochs != args.epochs:
+            raise SystemExit(
+                f"{args.runs} holds arms trained with --epochs {epochs}, not {args.epochs}; "
+                "give another --runs"
+            )
+    else:
+        args.runs.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(record, {"epochs": args.epochs})
 
 
 def write_tables(args: argparse.Namespace, results: dict[str, list[dict]]) -> None:
     """``<out>.md`` and ``<out>.json`` from the rows of every finished arm."""
     title = "## Related systems on fmnist" + (" (SMOKE TEST: not results)" if args.smoke else "")
+    if args.epochs and not args.smoke:
+        title += f", every trained arm cut to {args.epochs} epochs"
     text = (
         f"{title}\n\nFrom {args.start}; every arm finished so far (seeds per row; "
         f"'-': the starting model, trained on nothing); mean ± std over seeds.\n\n"
@@ -256,7 +275,9 @@ def write_tables(args: argparse.Namespace, results: dict[str, list[dict]]) -> No
     )
     Path(f"{args.out}.md").parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.md").write_text(text)
-    atomic_write_json(Path(f"{args.out}.json"), {"smoke": args.smoke, "results": results})
+    atomic_write_json(
+        Path(f"{args.out}.json"), {"smoke": args.smoke, "epochs": args.epochs, "results": results}
+    )
 
 
 if __name__ == "__main__":
