@@ -228,6 +228,7 @@ CASES = [
     ("detector train --kind ama --model-arg spectral_norm=1 --out {out}", "true or false"),
     ("detector train --kind vae --grad-clip -1 --out {out}", "--grad-clip must be >= 0"),
     ("detector evaluate --from {missing} --out {out}", "no checkpoint at"),
+    ("detector evaluate --from {missing} --batch-size 0 --out {out}", "a positive integer"),
     ("nosuchcommand", "invalid choice"),
 ]
 

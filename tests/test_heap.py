@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from unleash_ood import cli, heap
+from unleash_ood import heap
+from unleash_ood.cli import entry as cli
 
 
 def drive(monkeypatch, resident: list[int], slack: int) -> list[int]:

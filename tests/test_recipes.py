@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from conftest import finetune_argv
-from unleash_ood.cli import _finetune_recipe, _recipe_from, build_parser, main
+from unleash_ood.cli import build_parser, main
+from unleash_ood.cli.args import RECIPE_FLAGS, recipe_from
+from unleash_ood.cli.training import FINETUNE_FLAGS, OUTLIER_FLAGS, _finetune_recipe
 from unleash_ood.data.base import ImageSet
 from unleash_ood.data.noise import TrainingData, flip_labels, stratified_subset
 from unleash_ood.errors import UserError
@@ -73,7 +75,7 @@ def test_the_benchmark_sets_the_augmentation_unless_one_is_given() -> None:
         (["pretrain", "--out", "r"], "flip"),
         (["pretrain", "--benchmark", "cifar10", "--augment", "flip", "--out", "r"], "flip"),
     ):
-        assert _recipe_from(parser.parse_args(argv)).augment == augment, argv
+        assert recipe_from(parser.parse_args(argv)).augment == augment, argv
     for argv, augment in (
         (["finetune", "--from", "m", "--benchmark", "cifar10", "--out", "r"], "crop+flip"),
         (["finetune", "--from", "m", "--augment", "crop", "--out", "r"], "crop"),
@@ -269,8 +271,6 @@ def test_a_method_is_a_loss_times_what_trains() -> None:
 def test_training_flags_are_built_from_the_specs_fields() -> None:
     """Each Recipe / FinetuneSpec knob has its flag, with the field's default and help."""
     import dataclasses
-
-    from unleash_ood.cli import FINETUNE_FLAGS, OUTLIER_FLAGS, RECIPE_FLAGS, build_parser
 
     finetune = build_parser()._subparsers._group_actions[0].choices["finetune"]
     flags = {a.dest: a for a in finetune._actions}

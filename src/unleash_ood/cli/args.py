@@ -1,0 +1,183 @@
+"""Argument types, shared flag groups and the recipe flags of the ``unleash`` sub-commands."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+from unleash_ood.errors import UserError
+from unleash_ood.specs import Recipe, benchmark_augmentation
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line that says where help is (not the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, except where there is none to show (None, off, empty)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        default = action.default
+        if default is None or default is False or default == [] or default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _integer_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``; ``expected`` names it in the error."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+
+    return parse
+
+
+non_negative_int = _integer_at_least(0, "an integer >= 0")
+positive_int = _integer_at_least(1, "a positive integer")
+
+
+def fraction(text: str) -> float:
+    """An argparse type: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def number_list(text: str) -> tuple[float, ...]:
+    """An argparse type: comma-separated numbers."""
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        msg = f"expected numbers separated by commas, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--benchmark",
+        default="fmnist",
+        help="benchmark suite (see 'unleash datasets') or a benchmark .json / .yaml file",
+    )
+    p.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder holding datasets (also $UNLEASH_DATA; default: system locations)",
+    )
+
+
+def add_device_args(p: argparse.ArgumentParser, progress: str = "no progress bars") -> None:
+    """``--device`` and ``--no-progress``, which every command that computes takes."""
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--no-progress", action="store_true", help=progress)
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """``--device``, ``--no-progress`` and the evaluation batch size."""
+    add_device_args(p)
+    p.add_argument("--batch-size", type=positive_int, default=512, help="evaluation batch size")
+
+
+def add_workers_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers",
+        type=non_negative_int,
+        default=0,
+        help="processes decoding streamed image files (benchmark files, imagenet-openood) in "
+        "every pass over data: training, validation, xi's estimate, outlier batches, tracking "
+        "(default: 0, none)",
+    )
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The command line as a JSON-able dict, for the run directory's config.json."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
+def model_kwargs(pairs: list[str]) -> dict:
+    """``--model-arg width=64`` -> {"width": 64}; values are parsed as JSON where they can be."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise UserError(f"--model-arg expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+_FLAG_TYPES = {"int": int, "float": float, "str": str}
+
+
+def add_spec_flags(
+    p: argparse.ArgumentParser,
+    spec,
+    names: Sequence[str],
+    defaults,
+    recipe: str = "the --recipe's value",
+    helps: dict[str, str] | None = None,
+) -> None:
+    """One ``--field-name`` flag per field of the spec dataclass ``spec`` in ``names``, from the
+    field's type and :func:`~unleash_ood.specs.knob` metadata. ``defaults`` is an instance
+    whose values the flags default to, or None when a named recipe supplies every value a
+    flag does not set (``finetune --recipe``, ``detector train --kind``); the help then names
+    that default with ``recipe``. ``helps`` replaces the help of some fields."""
+    fields = {f.name: f for f in dataclasses.fields(spec)}
+    for name in names:
+        f = fields[name]
+        default = None if defaults is None else getattr(defaults, name)
+        text = (helps or {}).get(name, f.metadata["help"]).replace("%", "%%")
+        if defaults is None:
+            text += f" (default: {recipe})"
+        kwargs = {"default": default, "help": text}
+        if f.type == "bool":
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif f.type == "tuple[float, ...]":
+            kwargs.update(type=number_list, default=",".join(map(str, default)))
+        else:
+            kwargs.update(type=_FLAG_TYPES[f.type], choices=f.metadata["choices"])
+        p.add_argument("--" + name.replace("_", "-"), **kwargs)
+
+
+def add_recipe_args(p: argparse.ArgumentParser, defaults, **named) -> None:
+    """Optimisation flags shared by the training commands (see :func:`add_spec_flags`)."""
+    add_spec_flags(p, Recipe, RECIPE_FLAGS, defaults, **named)
+
+
+RECIPE_FLAGS = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "schedule",
+    "augment",
+    "seed",
+    "save_every",
+)
+
+
+def recipe_from(args: argparse.Namespace, base=None, **fixed):
+    """The recipe of the flags: ``base``'s values (default: Recipe() with the benchmark's
+    augmentation) with every flag given explicitly (not None) on top, and ``fixed`` last."""
+    given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
+    base = base or Recipe(augment=benchmark_augmentation(args.benchmark))
+    return replace(base, **given, **fixed)
