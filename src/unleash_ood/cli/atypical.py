@@ -23,6 +23,8 @@ from unleash_ood.rundir import append_log, check_out
 
 
 def cmd_atypical(args: argparse.Namespace) -> None:
+    """Rank the training samples a checkpoint was trained on by the loss random masks add (the
+    paper's atypicality); with label noise, how many flipped labels are among the top."""
     from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
     from unleash_ood.data import load_benchmark
     from unleash_ood.data.noise import TrainingData

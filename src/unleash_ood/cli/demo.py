@@ -15,6 +15,8 @@ from unleash_ood.rundir import holds_files
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
+    """The shipped model beside its CE / UM / UMAP fine-tunes, then a short live UM fine-
+    tune."""
     from unleash_ood.checkpoint import atomic_write_json
     from unleash_ood.data import data_roots
     from unleash_ood.demo import DemoPlan, run_demo

@@ -24,6 +24,8 @@ from unleash_ood.specs import DETECTOR_KINDS
 
 
 def cmd_detector_train(args: argparse.Namespace) -> None:
+    """Train a generative detector on ID images alone with its kind's recipe and any flags on
+    top."""
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
     from unleash_ood.generative.trainer import detector_recipe, train_detector
@@ -97,6 +99,7 @@ def _evaluate_mood(args: argparse.Namespace) -> None:
 
 
 def cmd_detector_evaluate(args: argparse.Namespace) -> None:
+    """Score ID and OOD sets with a trained detector (or a MOOD run's classifier)."""
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device

@@ -21,6 +21,7 @@ from unleash_ood.rundir import append_log, check_out
 
 
 def cmd_datasets(args: argparse.Namespace) -> None:
+    """List datasets and suites, and where each was found."""
     from unleash_ood.data import DATASETS, SUITES, availability, data_roots
     from unleash_ood.report import markdown_table
 
@@ -43,6 +44,8 @@ def cmd_datasets(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
+    """Score a checkpoint or the user's own classifier with post-hoc scorers, one forward pass
+    per dataset."""
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import autocast_dtype, init_distributed, resolve_device
     from unleash_ood.evaluate import evaluate

@@ -84,6 +84,7 @@ def _add_training_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
+    """Train a classifier from scratch, checkpointing (and optionally tracking) each epoch."""
     from unleash_ood.context import RunContext
     from unleash_ood.data import load_benchmark
     from unleash_ood.data.noise import TrainingData
@@ -107,6 +108,7 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 
 
 def cmd_track(args: argparse.Namespace) -> None:
+    """OOD metrics of every saved epoch of a run, and the epoch the validation sets select."""
     from unleash_ood.checkpoint import epoch_checkpoints
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
@@ -165,6 +167,8 @@ def _finetune_recipe(
 
 
 def _outlier_spec(args: argparse.Namespace) -> OutlierSpec | None:
+    """The outlier-exposure settings of the flags; None without --outliers, whose flags it then
+    refuses."""
     if args.outliers is None:
         wild = (args.wild, args.wild_margin, args.wild_shift)
         if any(v is not None for v in wild) or args.wild_pi != OutlierSpec.wild_pi:
@@ -192,6 +196,8 @@ def _method(args: argparse.Namespace) -> str:
 
 
 def cmd_finetune(args: argparse.Namespace) -> None:
+    """Fine-tune a trained model with UM, UMAP, the CE control or ALPA, optionally with outlier
+    exposure."""
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.context import RunContext
     from unleash_ood.data import load_benchmark
@@ -232,6 +238,7 @@ def cmd_finetune(args: argparse.Namespace) -> None:
 
 
 def _add_outlier_args(p: argparse.ArgumentParser) -> None:
+    """The flags of outlier exposure, the wild mix's included."""
     d = OutlierSpec()
     g = p.add_argument_group("outlier exposure")
     g.add_argument(

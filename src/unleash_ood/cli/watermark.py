@@ -13,6 +13,7 @@ from unleash_ood.specs import WATERMARK_PRESETS, WATERMARK_SCORES, WatermarkSpec
 
 
 def cmd_watermark(args: argparse.Namespace) -> None:
+    """Learn a watermark for a frozen model and save the model that applies it."""
     from unleash_ood.checkpoint import read_sidecar
     from unleash_ood.data import load_benchmark
     from unleash_ood.device import resolve_device
