@@ -167,7 +167,7 @@ CASES = [
     ("pretrain --model-arg width=0 --out {out}", "width takes a positive integer"),
     ("pretrain --label-noise 1.5 --out {out}", "--label-noise"),
     ("pretrain --label-noise nan --out {out}", "--label-noise"),
-    ("pretrain --train-size 0 --out {out}", "subset size"),
+    ("pretrain --train-size 0 --out {out}", "--train-size: expected a positive integer"),
     ("pretrain --train-size 999999 --out {out}", "larger than the training set"),
     ("pretrain --batch-size 5000 --out {out}", "smaller than one batch"),
     ("pretrain --resume --out {out}", "drop --resume"),

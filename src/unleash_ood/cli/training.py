@@ -294,7 +294,7 @@ def add_parsers(sub) -> None:
     p.set_defaults(augment=None)  # unset: the benchmark's (specs.benchmark_augmentation)
     p.add_argument(
         "--train-size",
-        type=int,
+        type=positive_int,
         default=None,
         help="train on a seeded class-stratified subset of this many images (default: all)",
     )
