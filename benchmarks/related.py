@@ -229,7 +229,12 @@ def main() -> None:
         default=list(SYSTEMS),
         help=f"comma-separated, of {','.join(SYSTEMS)} (default: all)",
     )
-    p.add_argument("--epochs", type=int, default=None, help="override every arm's epochs")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="override every arm's epochs (one value per --runs folder)",
+    )
     p.add_argument("--runs", type=Path, default=Path("runs/related"))
     p.add_argument("--out", default="benchmarks/results/related")
     p.add_argument("--data-dir", default=None)
