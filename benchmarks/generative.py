@@ -44,9 +44,9 @@ import torch
 from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
 from unleash_ood.data import Benchmark, load_benchmark
 from unleash_ood.demo import shipped_checkpoint
-from unleash_ood.device import prepare_model, resolve_device, to_device
+from unleash_ood.device import resolve_device, to_device
 from unleash_ood.generative import create_detector
-from unleash_ood.generative.trainer import detector_recipe
+from unleash_ood.generative.trainer import DetectorTrainer, detector_recipe
 from unleash_ood.metrics import METRIC_NAMES
 from unleash_ood.report import markdown_table
 
@@ -202,19 +202,17 @@ def measure_kind(kind: str, a: argparse.Namespace, bench: Benchmark) -> None:
     epochs = a.epochs or recipe.epochs
     device = resolve_device(a.device)
     torch.manual_seed(0)
-    model = prepare_model(create_detector(detector, 1, 28, **options), device)
-    opt = torch.optim.Adam(
-        model.param_groups(),
-        lr=recipe.lr,
-        betas=(recipe.momentum, recipe.beta2),
-        weight_decay=recipe.weight_decay,
+    model = create_detector(detector, 1, 28, **options)
+    # The trainer's own model placement and optimiser; it writes nothing until it trains.
+    trainer = DetectorTrainer(
+        model, recipe, bench.id_train, bench.id_val, Path(a.runs_dir), device, bench.name
     )
     x, _ = bench.id_train.__getitems__(range(recipe.batch_size))
     x = to_device(x, device)
     times = []
     for _ in range(a.measure_steps + 1):  # the first step warms up
         t0 = time.perf_counter()
-        model.train_step(x, opt, recipe.grad_clip)
+        trainer.model.train_step(x, trainer.opt, recipe.grad_clip)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
