@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,3 +86,17 @@ def test_pickle_file_is_never_loaded(tmp_path) -> None:
     torch.save(model.state_dict(), tmp_path / "m.safetensors")
     with pytest.raises(UserError, match="not a readable safetensors file"):
         load_checkpoint(tmp_path / "m")
+
+
+def test_a_folder_is_not_a_checkpoint(tmp_path) -> None:
+    for folder in (Path("/"), Path("."), tmp_path / ".."):
+        with pytest.raises(UserError, match="is a folder, not a checkpoint; pass a checkpoint's"):
+            checkpoint_paths(folder)
+    with pytest.raises(UserError, match="is a folder, not a checkpoint; pass a checkpoint's"):
+        load_checkpoint(tmp_path)
+    model = _model()
+    spec = model_spec(model, "cnn", 28, {"width": 4})
+    save_checkpoint(tmp_path / "checkpoints" / "last", model, spec)
+    save_checkpoint(tmp_path / "checkpoints" / "final", model, spec)
+    with pytest.raises(UserError, match=f"pass {tmp_path / 'checkpoints' / 'final'}$"):
+        read_sidecar(tmp_path)

@@ -60,10 +60,26 @@ def shipped_models() -> list[str]:
     return sorted({p.stem for d in model_dirs() for p in d.glob("*.json")})
 
 
+def not_a_checkpoint(folder: Path) -> UserError:
+    """The error for a folder given where a checkpoint is expected, naming the checkpoint a
+    run folder holds (``final``, ``best`` or ``last``, in itself or its ``checkpoints/``)."""
+    for d in (folder / "checkpoints", folder):
+        for name in ("final", "best", "last"):
+            if all((d / f"{name}{ext}").is_file() for ext in (".safetensors", ".json")):
+                return UserError(f"{folder} is a folder, not a checkpoint; pass {d / name}")
+    return UserError(
+        f"{folder} is a folder, not a checkpoint; pass a checkpoint's path (X for the files "
+        f"X.safetensors and X.json)"
+    )
+
+
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     """(weights, sidecar) for ``x``, ``x.safetensors`` or ``x.json``; a bare name that is no
-    local file, such as ``fmnist_cnn``, names a model in :func:`model_dirs`."""
+    local file, such as ``fmnist_cnn``, names a model in :func:`model_dirs`. A path such as
+    ``.`` or ``/``, which cannot name a pair of files, is refused."""
     p = Path(path)
+    if p.name in ("", ".."):
+        raise not_a_checkpoint(p)
     stem = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
     if len(stem.parts) == 1 and not stem.with_name(stem.name + ".json").exists():
         for folder in model_dirs():
@@ -144,6 +160,8 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of checkpoint ``path``, checked against the schema (it is untrusted input)."""
     weights, sidecar = checkpoint_paths(path)
     if not sidecar.is_file() or not weights.is_file():
+        if Path(path).is_dir():
+            raise not_a_checkpoint(Path(path))
         names = ", ".join(shipped_models())
         raise UserError(
             f"no checkpoint at {path}: expected files {weights.name} and {sidecar.name} "
