@@ -98,14 +98,25 @@ def broken(tmp_path_factory, tiny_checkpoint, fmnist_dir) -> dict[str, str]:
     run = root / "finished_eval"
     run.mkdir()
     (run / "metrics.json").write_text("{}")
-    (run / "config.json").write_text("{}")
+    (run / "config.json").write_text('{"command": "evaluate"}')
     paths["finished_eval"] = str(run)
-    started = root / "no_xi"
+    started = root / "no_xi"  # a pretraining run, which finetune --resume cannot continue
     (started / "checkpoints").mkdir(parents=True)
+    (started / "config.json").write_text('{"command": "pretrain"}')
     paths["no_xi"] = str(started)
+    foreign = root / "project"  # someone else's folder, with a config.json of its own
+    foreign.mkdir()
+    (foreign / "config.json").write_text('{"model_type": "bert"}')
+    (foreign / "notes.txt").write_text("mine")
+    paths["foreign"] = str(foreign)
     empty_run = root / "empty_run"
     empty_run.mkdir()
     paths["empty_run"] = str(empty_run)
+    trained = root / "trained_run" / "checkpoints"
+    trained.mkdir(parents=True)
+    for ext in (".safetensors", ".json"):
+        shutil.copy(tiny_checkpoint.with_suffix(ext), trained / f"last{ext}")
+    paths["trained_run"] = str(trained.parent)
     return paths
 
 
@@ -123,6 +134,11 @@ CASES = [
     ("evaluate --checkpoint {ckpt} --out {b_a_file}", "is a file"),
     ("evaluate --checkpoint {ckpt} --out {b_finished_eval}", "already holds results"),
     ("evaluate --checkpoint {ckpt} --out {b_under_file}", "cannot write"),
+    ("evaluate --checkpoint {ckpt} --out {b_foreign}", "did not write (config.json)"),
+    ("pretrain --out {b_foreign}", "holds files this library did not write"),
+    ("finetune --from {ckpt} --out {b_foreign}", "choose a new or empty folder"),
+    ("watermark --from {ckpt} --out {b_foreign}", "did not write"),
+    ("detector train --kind vae --out {b_foreign}", "did not write"),
     ("evaluate --checkpoint {ckpt} --cache {b_a_file} --out {out}", "--cache"),
     ("evaluate --checkpoint {ckpt} --scores energy:temperature=abc --out {out}", "temperature"),
     ("evaluate --checkpoint {ckpt} --scores knn:k=0 --out {out}", "k"),
@@ -139,6 +155,9 @@ CASES = [
     ("evaluate --checkpoint {b_nanmean} --out {out}", "mean"),
     ("evaluate --checkpoint {b_dirsidecar} --out {out}", "no checkpoint at"),
     ("evaluate --checkpoint {b_truncated} --out {out}", "not a readable safetensors"),
+    ("evaluate --checkpoint . --out {out}", ". is a folder, not a checkpoint"),
+    ("evaluate --checkpoint {b_empty_run} --out {out}", "is a folder, not a checkpoint"),
+    ("finetune --from {b_trained_run} --out {out}", "trained_run/checkpoints/last"),
     ("evaluate --checkpoint {ckpt} --data-dir {nowhere} --out {out}", "does not exist"),
     ("evaluate --checkpoint {ckpt} --data-dir {b_truncated_idx} --out {out}", "damaged"),
     ("evaluate --checkpoint {ckpt} --data-dir {b_count_mismatch} --out {out}", "labels"),
@@ -228,6 +247,7 @@ CASES = [
     ("detector train --kind ama --model-arg spectral_norm=1 --out {out}", "true or false"),
     ("detector train --kind vae --grad-clip -1 --out {out}", "--grad-clip must be >= 0"),
     ("detector evaluate --from {missing} --out {out}", "no checkpoint at"),
+    ("detector evaluate --from / --out {out}", "/ is a folder, not a checkpoint"),
     ("detector evaluate --from {missing} --batch-size 0 --out {out}", "a positive integer"),
     ("nosuchcommand", "invalid choice"),
 ]

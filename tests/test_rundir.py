@@ -10,7 +10,8 @@ import pytest
 
 from unleash_ood import train
 from unleash_ood.cli import main
-from unleash_ood.rundir import holds_files, out_lock
+from unleash_ood.errors import UserError
+from unleash_ood.rundir import check_own_folder, holds_files, out_lock
 
 TINY = ["--model-arg", "width=4", "--batch-size", "64", "--no-progress", "--device", "cpu"]
 
@@ -78,3 +79,20 @@ def test_ctrl_c_during_evaluation_says_only_interrupted(
     assert main([*argv, "--out", str(tmp_path / "out"), "--no-progress"]) == 130
     assert capsys.readouterr().err.strip() == "unleash evaluate: interrupted"
     assert not (tmp_path / "out").exists()
+
+
+def test_only_run_folders_or_an_interrupted_first_start_are_written_into(tmp_path) -> None:
+    check_own_folder(tmp_path / "absent")
+    check_own_folder(tmp_path)  # empty
+    (tmp_path / "log.txt").write_text("xi: mask 1/5\n")  # a finetune stopped choosing xi
+    (tmp_path / "xi_search").mkdir()
+    (tmp_path / ".lock").touch()  # left by a killed command
+    check_own_folder(tmp_path)
+    (tmp_path / "config.json").write_text('{"architectures": ["BertModel"]}')
+    with pytest.raises(UserError, match=r"did not write \(config.json\); choose a new"):
+        check_own_folder(tmp_path)
+    (tmp_path / "config.json").write_text('{"command": "finetune"}')
+    check_own_folder(tmp_path)  # a run of this library: the commands check the rest
+    (tmp_path / "config.json").write_text("[not a record")
+    with pytest.raises(UserError, match=r"RUN .* did not write"):
+        check_own_folder(tmp_path, "RUN")

@@ -2,12 +2,13 @@
 
 Every command writes its results into one folder (``--out``). The folder is checked up front,
 so a mistake costs nothing: a file where a folder should be, a folder that already holds
-results, or one that cannot be written is refused with a one-line message before the first
-forward pass.
+results, a folder of someone else's files (``--out .`` in a project, ``--out ~``), or one that
+cannot be written is refused with a one-line message before the first forward pass.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,6 +49,32 @@ def check_writable(out: Path, name: str = "--out") -> None:
 
 
 LOCK_FILE = ".lock"
+# What a command may leave in its folder before it writes config.json, so that an interrupted
+# first start can be rerun: the lock, the log and ``finetune --xi validate``'s runs.
+EARLY_ENTRIES = frozenset({LOCK_FILE, "log.txt", "xi_search"})
+
+
+def is_run_folder(out: Path) -> bool:
+    """Whether ``out/config.json`` is a command's record: a JSON object naming its command."""
+    try:
+        config = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and "command" in config
+
+
+def check_own_folder(out: Path, name: str = "--out") -> None:
+    """Refuse an existing folder that holds files no command of this library wrote (no
+    config.json of a run, and more than an interrupted first start leaves): results must not
+    be written among, or over, files of the user's or another program's."""
+    if not out.is_dir() or is_run_folder(out):
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in EARLY_ENTRIES)
+    if foreign:
+        raise UserError(
+            f"{name} {out} holds files this library did not write ({foreign[0]}); choose a new "
+            f"or empty folder"
+        )
 
 
 @contextmanager
@@ -58,9 +85,11 @@ def out_lock(out: Path, name: str = "--out") -> Iterator[None]:
     results and logs over each other. The lock is an ``flock`` on ``out/.lock``: the system
     releases it when the process dies, so a killed run never leaves a stale lock. A folder
     this command created is removed again if the command leaves nothing in it (e.g. it
-    stopped at a bad flag).
+    stopped at a bad flag). A folder of files this library did not write is refused
+    (:func:`check_own_folder`).
     """
     check_writable(out, name)
+    check_own_folder(out, name)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE
