@@ -225,6 +225,18 @@ def test_evaluator_refuses_the_silent_mismatches_of_a_bare_headsplit(small_bench
         evaluate(rgb, small_benchmark, "msp", device="cpu")
 
 
+def test_a_model_without_the_features_head_split_names_the_wrapper(small_benchmark) -> None:
+    flat = torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(784, 32), torch.nn.Linear(32, 10)
+    )
+    with pytest.raises(UserError, match=r"wrap it with .*HeadSplit\(model, head='2'\)"):
+        evaluate(flat, small_benchmark, "msp", device="cpu")
+    with pytest.raises(UserError, match=r"a str, not a torch\.nn\.Module"):
+        evaluate("fmnist_cnn", small_benchmark, "msp", device="cpu")
+    split = HeadSplit(flat, head="2", mean=(0.5,), std=(0.5,))  # as the message says: it runs
+    assert evaluate(split, small_benchmark, ["msp"], device="cpu", progress=False).row("msp")
+
+
 # --- preprocessing ---------------------------------------------------------------------------
 
 

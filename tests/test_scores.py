@@ -14,6 +14,8 @@ from unleash_ood.models.base import Classifier
 from unleash_ood.outputs import Outputs
 from unleash_ood.scores import (
     SCORERS,
+    Energy,
+    as_scorers,
     make_scorer,
     parse_scorer_list,
     scorer_names,
@@ -270,6 +272,21 @@ def test_parse_scorer_list():
 def test_parse_scorer_list_errors(spec, message):
     with pytest.raises(UserError, match=message):
         parse_scorer_list(spec)
+
+
+def test_as_scorers_takes_a_string_or_a_list_of_names_and_objects():
+    assert [s.name for s in as_scorers("msp,knn:k=3")] == ["msp", "knn"]
+    energy = Energy(temperature=2.0)
+    scorers = as_scorers(["msp", "knn:k=3", energy])
+    assert [s.name for s in scorers] == ["msp", "knn", "energy"]
+    assert scorers[1].k == 3 and scorers[2] is energy
+    assert as_scorers(()) == []  # no scorer: an evaluation of accuracy alone
+    with pytest.raises(UserError, match="msp is listed more than once"):
+        as_scorers(["msp", make_scorer("msp")])
+    with pytest.raises(UserError, match="Scorer objects, not int"):
+        as_scorers(["msp", 3])
+    with pytest.raises(UserError, match="unknown scorer 'nope'"):
+        as_scorers(["nope"])
 
 
 # ---------------------------------------------------------------- behaviour

@@ -36,9 +36,10 @@ from unleash_ood.errors import UserError
 from unleash_ood.heap import release_freed_memory
 from unleash_ood.metrics import METRIC_NAMES, accuracy, ood_metrics
 from unleash_ood.models import Classifier
+from unleash_ood.models.adapter import check_split
 from unleash_ood.outputs import Outputs, progress_batches
 from unleash_ood.outputs import forward_outputs as forward_outputs
-from unleash_ood.scores import Scorer, parse_scorer_list
+from unleash_ood.scores import Scorer, as_scorers
 from unleash_ood.tables import ResultsTable
 from unleash_ood.tune import Grid, tune_scorers, validation_view
 
@@ -93,6 +94,7 @@ def check_fits(model: Classifier, benchmark: Benchmark) -> None:
     """Refuse a model whose head or input channels do not match the benchmark's data (a
     1000-class head on 10 classes, 3-channel statistics broadcast over grey images) before
     any work, instead of metrics computed from the wrong outputs."""
+    check_split(model)
     classes = model.head.out_features
     if classes != benchmark.num_classes:
         raise UserError(
@@ -306,7 +308,7 @@ class Evaluator:
         self,
         model: Classifier,
         benchmark: Benchmark,
-        scorers: Sequence[Scorer] | str = "all",
+        scorers: Sequence[Scorer | str] | str = "all",
         device: str | torch.device = "auto",
         batch_size: int = 512,
         cache_dir: str | Path | None = None,
@@ -322,7 +324,7 @@ class Evaluator:
         self.autocast = autocast_dtype(autocast, self.device)
         self.model = prepare_model(model, self.device).eval()
         self.benchmark = benchmark
-        self.scorers = parse_scorer_list(scorers) if isinstance(scorers, str) else list(scorers)
+        self.scorers = as_scorers(scorers)
         self.batch_size = batch_size
         self.cache = OutputCache(cache_dir, model, cache_fp16) if cache_dir else None
         self.dist = current_dist()
@@ -449,7 +451,7 @@ class Evaluator:
 def evaluate(
     model: Classifier,
     benchmark: Benchmark,
-    scorers: Sequence[Scorer] | str = "all",
+    scorers: Sequence[Scorer | str] | str = "all",
     splits: Sequence[str] = ("test",),
     tune: bool = False,
     grids: dict[str, Grid] | None = None,

@@ -30,6 +30,25 @@ def linear_layer_names(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
 
 
+def check_split(model: object) -> None:
+    """Refuse, naming the wrapper that fixes it, a model that is not split into features and
+    a linear head (a plain torchvision model, an ``nn.Sequential``): the scores need both."""
+    if not isinstance(model, nn.Module):
+        raise UserError(
+            f"the model is a {type(model).__name__}, not a torch.nn.Module; load a checkpoint "
+            f"with unleash_ood.load_checkpoint(path)"
+        )
+    head, features = getattr(model, "head", None), getattr(model, "features", None)
+    if isinstance(head, nn.Linear) and callable(features):
+        return
+    names = linear_layer_names(model)
+    raise UserError(
+        f"{type(model).__name__} is not split into features and a linear head; wrap it with "
+        f"unleash_ood.models.HeadSplit(model, head={names[-1] if names else '...'!r}) "
+        f"({describe_linears(model)})"
+    )
+
+
 def describe_linears(model: nn.Module) -> str:
     names = linear_layer_names(model)
     if not names:

@@ -6,6 +6,7 @@ Every score is higher for more ID-like samples.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from contextlib import suppress
 
 from unleash_ood.errors import UserError
@@ -78,6 +79,7 @@ __all__ = [
     "Scorer",
     "TempScale",
     "ViM",
+    "as_scorers",
     "make_scorer",
     "parse_scorer_list",
     "scorer_names",
@@ -125,7 +127,26 @@ def parse_scorer_list(spec: str) -> list[Scorer]:
             f"give scorer names separated by commas, or all alone; got {spec!r}. "
             f"Scorers: {', '.join(SCORERS)}"
         )
-    scorers = [_parse_entry(entry) for entry in entries]
+    return _listed_once([_parse_entry(entry) for entry in entries])
+
+
+def as_scorers(scorers: str | Sequence[Scorer | str]) -> list[Scorer]:
+    """Scorers from a command-line string (:func:`parse_scorer_list`) or from a sequence of
+    scorer objects and entries of that string (``["msp", "knn:k=10", Energy()]``)."""
+    if isinstance(scorers, str):
+        return parse_scorer_list(scorers)
+    parsed = [_parse_entry(s) if isinstance(s, str) else s for s in scorers]
+    wrong = [s for s in parsed if not isinstance(s, Scorer)]
+    if wrong:
+        raise UserError(
+            f"scorers are given as names ('msp,energy' or ['msp', 'energy']) or Scorer objects, "
+            f"not {type(wrong[0]).__name__}"
+        )
+    return _listed_once(parsed)
+
+
+def _listed_once(scorers: list[Scorer]) -> list[Scorer]:
+    """``scorers``, refused when a name repeats: results are reported under the name."""
     names = [s.name for s in scorers]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
