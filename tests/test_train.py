@@ -16,7 +16,10 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TORCHRUN
+from unleash_ood.checkpoint import load_checkpoint
 from unleash_ood.cli import main
+from unleash_ood.data import load_benchmark
+from unleash_ood.track import Tracker
 from unleash_ood.train import Recipe
 
 TINY = [
@@ -94,6 +97,16 @@ def test_pretrain_with_tracking_writes_run(capsys, fmnist_dir, tmp_path) -> None
         main(["track", str(run), "--data-dir", str(fmnist_dir), "--device", "cpu", "--no-progress"])
         == 0
     )
+    assert (run / "track.csv").read_text() == during
+
+    # A run stopped after saving epoch 1 but before tracking it, then resumed: tracking
+    # epoch 2 first catches up on epoch 1.
+    header, *lines = during.splitlines(keepends=True)
+    (run / "track.csv").write_text(header + "".join(x for x in lines if not x.startswith("1,")))
+    bench = load_benchmark("fmnist", str(fmnist_dir))
+    tracker = Tracker(bench, "energy,msp", run, torch.device("cpu"), progress=False)
+    model, meta = load_checkpoint(run / "checkpoints" / "epoch_002")
+    tracker(2, model, meta["metrics"])
     assert (run / "track.csv").read_text() == during
 
 

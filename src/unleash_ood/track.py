@@ -18,7 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
+from unleash_ood.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    epoch_checkpoints,
+    load_checkpoint,
+)
 from unleash_ood.data.base import Benchmark, ImageData
 from unleash_ood.device import to_device
 from unleash_ood.evaluate import Evaluation, Evaluator
@@ -85,7 +90,8 @@ def evaluation_rows(ev: Evaluation, epoch: int, train_metrics: dict) -> list[dic
 
 class Tracker:
     """Evaluates one epoch's model on OOD val and test sets and keeps ``track.csv`` current;
-    ``workers`` processes decode streamed images."""
+    ``workers`` processes decode streamed images. Called for an epoch, it first tracks the
+    earlier saved epochs ``track.csv`` lacks (:meth:`catch_up`)."""
 
     def __init__(
         self,
@@ -105,6 +111,26 @@ class Tracker:
         self.rows: list[dict] = read_track_csv(existing) if existing.exists() else []
 
     def __call__(self, epoch: int, model: Classifier, train_metrics: dict) -> None:
+        self.catch_up(before=epoch)
+        self.track(epoch, model, train_metrics)
+
+    def catch_up(self, before: int | None = None) -> None:
+        """Track the saved epochs of the run (those before ``before``) that ``track.csv``
+        lacks: a run stopped between saving an epoch and tracking it, then resumed, would
+        otherwise miss that epoch."""
+        tracked = {r["epoch"] for r in self.rows}
+        saved = epoch_checkpoints(self.out) if (self.out / "checkpoints").is_dir() else []
+        for epoch, path in saved:
+            if epoch not in tracked and (before is None or epoch < before):
+                bench = self.benchmark
+                model, meta = load_checkpoint(
+                    path, self.device, bench.num_classes, bench.image_shape
+                )
+                self.track(epoch, model, meta.get("metrics", {}))
+
+    def track(self, epoch: int, model: Classifier, train_metrics: dict) -> None:
+        """Evaluate ``model`` as epoch ``epoch`` and rewrite track.csv, its plot and the
+        selection."""
         if self.recompute_bn:  # on a copy: a training run's own statistics stay untouched
             model = copy.deepcopy(model)
             recompute_batchnorm(
