@@ -6,6 +6,7 @@ import torch
 
 from unleash_ood.checkpoint import (
     checkpoint_paths,
+    checkpoints_in,
     load_checkpoint,
     model_spec,
     read_sidecar,
@@ -100,3 +101,16 @@ def test_a_folder_is_not_a_checkpoint(tmp_path) -> None:
     save_checkpoint(tmp_path / "checkpoints" / "final", model, spec)
     with pytest.raises(UserError, match=f"pass {tmp_path / 'checkpoints' / 'final'}$"):
         read_sidecar(tmp_path)
+
+
+def test_missing_checkpoint_names_what_its_folder_holds(tmp_path) -> None:
+    model = _model()
+    spec = model_spec(model, "cnn", 28, {"width": 4})
+    for name in ("epoch_001", "last"):
+        save_checkpoint(tmp_path / name, model, spec)
+    (tmp_path / "half.json").write_text("{}")  # no weights: not a checkpoint
+    with pytest.raises(UserError, match=r"holds last, epoch_001; pass one of them, e\.g\. .*last$"):
+        read_sidecar(tmp_path / "final")
+    assert checkpoints_in(tmp_path) == ["last", "epoch_001"]
+    with pytest.raises(UserError, match=r"or a shipped model: .*fmnist_cnn"):
+        read_sidecar("no_such_model")

@@ -60,6 +60,13 @@ def shipped_models() -> list[str]:
     return sorted({p.stem for d in model_dirs() for p in d.glob("*.json")})
 
 
+def checkpoints_in(folder: Path) -> list[str]:
+    """Names of the complete checkpoints (both files) in ``folder``: ``final``, ``best`` and
+    ``last`` first, then the rest in name order."""
+    names = sorted(p.stem for p in folder.glob("*.json") if p.with_suffix(".safetensors").is_file())
+    return sorted(names, key=lambda n: (n not in ("final", "best", "last"), n))
+
+
 def not_a_checkpoint(folder: Path) -> UserError:
     """The error for a folder given where a checkpoint is expected, naming the checkpoint a
     run folder holds (``final``, ``best`` or ``last``, in itself or its ``checkpoints/``)."""
@@ -156,17 +163,31 @@ def read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{path} is not a readable safetensors file ({e})") from e
 
 
+def missing_checkpoint(path: str | os.PathLike, weights: Path, sidecar: Path) -> UserError:
+    """The error for a checkpoint path that names no pair of files, naming the checkpoints its
+    folder does hold (a pretraining run writes ``last``, not ``final``), or for a bare name
+    the shipped ones."""
+    bare = len(Path(path).parts) == 1
+    held = checkpoints_in(weights.parent) if weights.parent.is_dir() and not bare else []
+    if held:
+        more = f" and {len(held) - 6} more" if len(held) > 6 else ""
+        return UserError(
+            f"no checkpoint at {path}: {weights.parent} holds {', '.join(held[:6])}{more}; "
+            f"pass one of them, e.g. {weights.parent / held[0]}"
+        )
+    return UserError(
+        f"no checkpoint at {path}: expected files {weights.name} and {sidecar.name} in "
+        f"{weights.parent} (or a shipped model: {', '.join(shipped_models())})"
+    )
+
+
 def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
     """The sidecar of checkpoint ``path``, checked against the schema (it is untrusted input)."""
     weights, sidecar = checkpoint_paths(path)
     if not sidecar.is_file() or not weights.is_file():
         if Path(path).is_dir():
             raise not_a_checkpoint(Path(path))
-        names = ", ".join(shipped_models())
-        raise UserError(
-            f"no checkpoint at {path}: expected files {weights.name} and {sidecar.name} "
-            f"in {weights.parent} (or a shipped model: {names})"
-        )
+        raise missing_checkpoint(path, weights, sidecar)
     try:
         meta = json.loads(sidecar.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
