@@ -50,8 +50,13 @@ def test_wrong_class_count_and_shape_refused(tmp_path) -> None:
     save_checkpoint(tmp_path / "m", model, model_spec(model, "cnn", 28, {"width": 4}))
     with pytest.raises(UserError, match="predicts 10 classes but the data has 100"):
         load_checkpoint(tmp_path / "m", num_classes=100)
-    with pytest.raises(UserError, match="takes 1x28x28 input"):
+    with pytest.raises(UserError, match=r"takes 1x28x28 input.*use a checkpoint trained on"):
         load_checkpoint(tmp_path / "m", input_shape=(3, 32, 32))
+    save_checkpoint(
+        tmp_path / "b", model, model_spec(model, "cnn", 28, {"width": 4}), benchmark="tiny"
+    )
+    with pytest.raises(UserError, match="trained on benchmark 'tiny': pass --benchmark"):
+        load_checkpoint(tmp_path / "b", num_classes=100)
 
 
 def test_sidecar_of_other_architecture_refused(tmp_path) -> None:

@@ -222,7 +222,7 @@ def test_finetune_records_recipe_and_logs_plain_ce(capsys, fmnist_dir, tiny_chec
     ce = float(line.split("train CE ")[1].split()[0])
     assert objective >= 5 > ce  # the objective never falls below xi; the CE sits under it
     printed = capsys.readouterr().out
-    assert "recipe quick: 1 epochs, lr 0.02" in printed
+    assert "recipe quick: 1 epoch, lr 0.02" in printed
     assert line in printed  # --no-progress hides bars, not the per-epoch lines
 
 

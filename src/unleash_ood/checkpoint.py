@@ -268,6 +268,18 @@ def build_model(meta: dict[str, Any]) -> Classifier:
     return model
 
 
+def other_benchmark_hint(meta: dict[str, Any]) -> str:
+    """What to do when a checkpoint does not fit the data: name the benchmark its sidecar
+    records (the commands default to ``fmnist``, whatever the checkpoint was trained on)."""
+    trained_on = meta.get("benchmark")
+    if isinstance(trained_on, str) and trained_on:
+        return (
+            f"it was trained on benchmark {trained_on!r}: pass --benchmark with that name "
+            f"(or its .json / .yaml file), or use a checkpoint trained on this benchmark"
+        )
+    return "use a checkpoint trained on this benchmark"
+
+
 def load_checkpoint(
     path: str | os.PathLike,
     device: torch.device | str = "cpu",
@@ -286,16 +298,17 @@ def load_checkpoint(
             f"{path} is a generative detector, not a classifier; evaluate it with "
             f"'unleash detector evaluate --from {path}'"
         )
+    fix = other_benchmark_hint(meta)
     if num_classes is not None and meta["num_classes"] != num_classes:
         raise UserError(
             f"{weights.name} predicts {meta['num_classes']} classes but the data has "
-            f"{num_classes}; use a checkpoint trained on this benchmark"
+            f"{num_classes}; {fix}"
         )
     have = (meta["in_channels"], meta["input_size"], meta["input_size"])
     if input_shape is not None and tuple(input_shape) != have:
         raise UserError(
             f"{weights.name} takes {have[0]}x{have[1]}x{have[2]} input but the data is "
-            f"{'x'.join(map(str, input_shape))}; use a checkpoint for this benchmark"
+            f"{'x'.join(map(str, input_shape))}; {fix}"
         )
     model = build_model(meta)
     load_fitting_state(
