@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -273,6 +274,14 @@ def test_detector_train_resumes_exactly_and_evaluates(
     assert code == 0, printed
     assert {r["scorer"] for r in rows} == {"elbo", "score_test", "score_test_ekfac"}
     assert all(0 <= r["auroc"] <= 1 for r in rows)
+    # trained on a benchmark file, recorded by name only: the file must be named again
+    of_file = tmp_path / "of_file"
+    shutil.copytree(plain / "checkpoints", of_file / "checkpoints")
+    sidecar = of_file / "checkpoints" / "last.json"
+    sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "benchmark": "mine"}))
+    code, printed, _ = evaluate(of_file, "elbo")
+    assert code == 2 and "trained on benchmark 'mine', which is no built-in suite" in printed
+    assert not (of_file / "eval").exists()
 
 
 def test_detector_commands_refuse_bad_input(

@@ -49,7 +49,7 @@ def cmd_detector_train(args: argparse.Namespace) -> None:
     if history:
         last = history[-1]
         print(
-            f"trained a {args.kind} detector to epoch {last.epoch}: train loss "
+            f"trained the {args.kind} detector to epoch {last.epoch}: train loss "
             f"{last.train_loss:.3f}, val loss {last.val_loss:.3f}; checkpoints in "
             f"{args.out}/checkpoints/"
         )
@@ -81,7 +81,7 @@ def _evaluate_mood(args: argparse.Namespace) -> None:
     scorers = parse_scorer_list(args.scores or DEFAULT_SCORES)  # bad names: before any work
     classifier = finetuned_checkpoint(args.from_)
     meta = read_sidecar(classifier)
-    bench = load_benchmark(args.benchmark or meta.get("benchmark", "fmnist"), args.data_dir)
+    bench = load_benchmark(_benchmark_of(args, meta), args.data_dir)
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     device = resolve_device(args.device)
     ev, meta = evaluate_mood(
@@ -96,6 +96,22 @@ def _evaluate_mood(args: argparse.Namespace) -> None:
     )
     print(evaluation_markdown(ev, summary_only=True))
     print(f"Full tables and histograms in {out}/")
+
+
+def _benchmark_of(args: argparse.Namespace, meta: dict) -> str:
+    """``--benchmark``, or the suite the detector was trained on, which its sidecar names; a
+    benchmark file is recorded by its name only, so it must be given again."""
+    from unleash_ood.data import SUITES
+
+    if args.benchmark:
+        return args.benchmark
+    name = meta.get("benchmark", "fmnist")
+    if name not in SUITES:
+        raise UserError(
+            f"{args.from_} was trained on benchmark {name!r}, which is no built-in suite; "
+            f"pass its .json / .yaml file with --benchmark"
+        )
+    return name
 
 
 def cmd_detector_evaluate(args: argparse.Namespace) -> None:
@@ -116,11 +132,12 @@ def cmd_detector_evaluate(args: argparse.Namespace) -> None:
     kind = sidecar["architecture"]
     scores = parse_detector_scores(args.scores or "all", kind)  # bad names: before any work
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
+    benchmark = _benchmark_of(args, sidecar)
     device = resolve_device(args.device)
     model, meta = load_detector(args.from_, device)
     if (args.scores or "all") == "all":  # the kind's scores this model can give
         scores = [s for s in scores if s.applies_to(model)]
-    bench = load_benchmark(args.benchmark or meta.get("benchmark", "fmnist"), args.data_dir)
+    bench = load_benchmark(benchmark, args.data_dir)
     if bench.image_shape != (meta["in_channels"], meta["input_size"], meta["input_size"]):
         raise UserError(
             f"the detector takes {meta['in_channels']}x{meta['input_size']}x"
