@@ -17,7 +17,7 @@ from unleash_ood import HeadSplit, Preprocess, load_model
 from unleash_ood.cli import main
 from unleash_ood.errors import UserError
 from unleash_ood.evaluate import evaluate, forward_outputs, shard_bounds
-from unleash_ood.models import create_model
+from unleash_ood.models import ExternalModel, create_model
 from unleash_ood.models.adapter import IMAGENET_MEAN, IMAGENET_STD
 
 GREY = Preprocess(gray_to_rgb=True)
@@ -221,8 +221,14 @@ def test_evaluator_refuses_the_silent_mismatches_of_a_bare_headsplit(small_bench
     with pytest.raises(UserError, match=r"predicts 1000 classes but fmnist has 10"):
         evaluate(wrapped, small_benchmark, "msp", device="cpu")
     rgb = create_model("cnn", num_classes=10, in_channels=3, width=4)
-    with pytest.raises(UserError, match="takes 3-channel images but fmnist's have 1"):
+    with pytest.raises(UserError, match=r"takes 3-channel images but fmnist's have 1.*gray_to_rgb"):
         evaluate(rgb, small_benchmark, "msp", device="cpu")
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(4, 10),
+    )  # fmt: skip
+    grey = ExternalModel(net, "3", GREY, (0.5,) * 3, (0.25,) * 3)
+    assert evaluate(grey, small_benchmark, ["msp"], device="cpu", progress=False).row("msp")
 
 
 def test_a_model_without_the_features_head_split_names_the_wrapper(small_benchmark) -> None:

@@ -105,9 +105,14 @@ def check_fits(model: Classifier, benchmark: Benchmark) -> None:
     channels = benchmark.image_shape[0]
     takes = getattr(model, "in_channels", channels)  # a Classifier's; any module with a head
     if takes != channels:
+        grey = (
+            "wrap it as unleash_ood.models.ExternalModel(model, head, "
+            "Preprocess(gray_to_rgb=True), mean, std) to repeat the grey channel, or use a "
+            "model made for them"
+        )
         raise UserError(
             f"the model takes {takes}-channel images but {benchmark.name}'s have "
-            f"{channels}; use a model made for them"
+            f"{channels}; {grey if channels == 1 and takes == 3 else 'use a model made for them'}"
         )
 
 
