@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +15,14 @@ from safetensors.torch import save_file
 from torchvision.transforms.v2 import functional as TF
 
 from unleash_ood import HeadSplit, Preprocess, load_model
+from unleash_ood.checkpoint import load_checkpoint, own_model_spec, save_checkpoint
 from unleash_ood.cli import main
 from unleash_ood.errors import UserError
 from unleash_ood.evaluate import evaluate, forward_outputs, shard_bounds
 from unleash_ood.models import ExternalModel, create_model
 from unleash_ood.models.adapter import IMAGENET_MEAN, IMAGENET_STD
+from unleash_ood.models.external import torchvision_classifier
+from unleash_ood.models.watermark import Watermarked
 
 GREY = Preprocess(gray_to_rgb=True)
 
@@ -359,3 +363,98 @@ def test_cli_needs_exactly_one_of_checkpoint_and_model(capsys, tmp_path) -> None
             main(argv)
         assert e.value.code == 2
     assert "--checkpoint" in capsys.readouterr().err
+
+
+# --- fine-tuning your own model -------------------------------------------------------------
+
+
+def own_weights(tmp_path: Path, classes: int = 12) -> Path:
+    """A small torchvision classifier's state dict with a head of other classes."""
+    torch.manual_seed(0)
+    path = tmp_path / "shufflenet.pth"
+    torch.save(torchvision_classifier("shufflenet_v2_x0_5", classes).state_dict(), path)
+    return path
+
+
+REVERSED = {str(c): 11 - c for c in range(10)}
+
+
+def test_own_model_checkpoint_rebuilds_head_class_map_and_preprocessing(tmp_path) -> None:
+    """A checkpoint of load_model's model (class map, grey-to-RGB, resize) loads back into the
+    same function, so fine-tuning and every other command can start from it."""
+    model = load_model(
+        "torchvision:shufflenet_v2_x0_5",
+        own_weights(tmp_path),
+        num_classes=10,
+        input_shape=(1, 28, 28),
+        class_map=REVERSED,
+        preprocess=Preprocess(resize=32, gray_to_rgb=True),
+    )
+    save_checkpoint(tmp_path / "c", model, own_model_spec(model, 28))
+    meta = json.loads((tmp_path / "c.json").read_text())
+    assert (meta["in_channels"], meta["num_classes"], len(meta["mean"])) == (1, 10, 3)
+    assert meta["model_kwargs"] == {"head": "fc", "resize": 32, "crop": None, "gray_to_rgb": True}
+    loaded, _ = load_checkpoint(tmp_path / "c", num_classes=10, input_shape=(1, 28, 28))
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+        full = torchvision_classifier("shufflenet_v2_x0_5", 12)
+        full.load_state_dict(torch.load(tmp_path / "shufflenet.pth", weights_only=True))
+        grey = TF.resize(x.expand(-1, 3, -1, -1), [32], antialias=True)
+        mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        reference = full.eval()((grey - mean[:, None, None]) / std[:, None, None])
+        assert torch.allclose(loaded(x), reference[:, [11 - c for c in range(10)]], atol=1e-5)
+    with pytest.raises(UserError, match="takes 1x28x28 input"):
+        load_checkpoint(tmp_path / "c", input_shape=(3, 28, 28))
+    marked = Watermarked(loaded, torch.full((1, 28, 28), 0.1))  # a pattern on the grey input
+    assert marked.in_channels == 1
+    with torch.no_grad():
+        assert torch.equal(marked(x), loaded(x + 0.1))
+
+
+def test_cli_fine_tunes_your_own_model_with_um(capsys, fmnist_dir, tmp_path) -> None:
+    weights, out = own_weights(tmp_path), tmp_path / "um"
+    argv = [
+        "finetune",
+        *("--model", "torchvision:shufflenet_v2_x0_5", "--weights", str(weights)),
+        *("--class-map", str(tmp_path / "map.json"), "--gray-to-rgb"),
+        *("--method", "um", "--xi", "3", "--recipe", "quick", "--epochs", "1"),
+        *("--batch-size", "64", "--data-dir", str(fmnist_dir), "--device", "cpu"),
+        *("--out", str(out), "--no-progress"),
+    ]
+    assert main(argv) == 2  # the class map does not exist yet: nothing written
+    assert "--class-map" in capsys.readouterr().err and not out.exists()
+    (tmp_path / "map.json").write_text(json.dumps(REVERSED))
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "fine-tuned with um (recipe quick: 1 epoch" in capsys.readouterr().out
+    start = json.loads((out / "start.json").read_text())
+    assert start["architecture"] == "torchvision:shufflenet_v2_x0_5"
+    assert start["source"]["class_map"] == [11 - c for c in range(10)]
+    config = json.loads((out / "config.json").read_text())
+    assert config["from"] == str(out / "start")
+    assert config["recipe"]["model"] == "torchvision:shufflenet_v2_x0_5"
+    final = out / "checkpoints" / "final"
+    assert json.loads(final.with_suffix(".json").read_text())["model_kwargs"]["gray_to_rgb"]
+    evaluated = tmp_path / "eval"
+    argv = ["evaluate", "--checkpoint", str(final), "--data-dir", str(fmnist_dir)]
+    assert main([*argv, "--out", str(evaluated), "--no-progress"]) == 0
+    assert {r["scorer"] for r in json.loads((evaluated / "metrics.json").read_text())["rows"]}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--from", "fmnist_cnn", "--gray-to-rgb"], "--gray-to-rgb goes with --model, not --from"),
+        (["--model", "torchvision:shufflenet_v2_x0_5"], "needs --weights"),
+        (["--model", "torchvision:shufflenet_v2_x0_5", "--weights", "none"], "add --gray-to-rgb"),
+    ],
+)
+def test_cli_fine_tune_of_your_own_model_refuses_bad_input(
+    capsys, fmnist_dir, tmp_path, flags, message
+) -> None:
+    out = tmp_path / "run"
+    argv = ["finetune", *flags, "--data-dir", str(fmnist_dir), "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()

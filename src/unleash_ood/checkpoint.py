@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from unleash_ood.errors import UserError
 from unleash_ood.models import Classifier, create_model
 from unleash_ood.models.base import load_fitting_state
+from unleash_ood.models.external import ExternalModel, own_model_options
 from unleash_ood.models.masked import apply_umap
 from unleash_ood.models.watermark import Watermarked
 
@@ -117,11 +118,19 @@ def model_spec(
         "architecture": architecture,
         "model_kwargs": model_kwargs or {},
         "num_classes": model.num_classes,
-        "in_channels": int(model.input_mean.shape[1]),
+        "in_channels": model.in_channels,
         "input_size": input_size,
         "mean": model.input_mean.flatten().tolist(),
         "std": model.input_std.flatten().tolist(),
     }
+
+
+def own_model_spec(model: ExternalModel, input_size: int) -> dict[str, Any]:
+    """:func:`model_spec` of your own model (``load_model``'s): the checkpoint rebuilds it by
+    its ``torchvision:``/``timm:`` name with its head and preprocessing
+    (:func:`~unleash_ood.models.external.own_model_options`), so every command that takes a
+    checkpoint takes it."""
+    return model_spec(model, model.source["model"], input_size, own_model_options(model))
 
 
 SPEC_KEYS = (
@@ -209,6 +218,14 @@ def _numbers(v: Any, n: int) -> bool:
     )
 
 
+def _stats_channels(meta: dict[str, Any]) -> Any:
+    """How many mean/std values a sidecar needs: one per channel the model normalises, 3 for
+    an RGB model of your own fed grey images (``gray_to_rgb``), else one per image channel."""
+    options = meta.get("model_kwargs")
+    grey_to_rgb = isinstance(options, dict) and options.get("gray_to_rgb") is True
+    return 3 if grey_to_rgb else meta.get("in_channels")
+
+
 def check_sidecar(meta: Any, sidecar: Path) -> None:
     """Refuse a sidecar that cannot describe a model: wrong type, missing or malformed keys."""
     if not isinstance(meta, dict):
@@ -227,8 +244,8 @@ def check_sidecar(meta: Any, sidecar: Path) -> None:
     if not meta.get("detector"):  # a classifier's: generative detectors have no classes
         checks += [
             ("num_classes", _positive_int(meta.get("num_classes"))),
-            ("mean", _numbers(meta.get("mean"), meta.get("in_channels"))),
-            ("std", _numbers(meta.get("std"), meta.get("in_channels"))),
+            ("mean", _numbers(meta.get("mean"), _stats_channels(meta))),
+            ("std", _numbers(meta.get("std"), _stats_channels(meta))),
             ("umap", isinstance(meta.get("umap", {}), dict | type(None))),
             ("watermark", isinstance(meta.get("watermark", {}), dict | type(None))),
         ]

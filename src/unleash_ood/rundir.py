@@ -49,9 +49,14 @@ def check_writable(out: Path, name: str = "--out") -> None:
 
 
 LOCK_FILE = ".lock"
+# The checkpoint ``finetune --model`` makes of your own model in its run folder.
+OWN_START = "start"
 # What a command may leave in its folder before it writes config.json, so that an interrupted
-# first start can be rerun: the lock, the log and ``finetune --xi validate``'s runs.
-EARLY_ENTRIES = frozenset({LOCK_FILE, "log.txt", "xi_search"})
+# first start can be rerun: the lock, the log, ``finetune --xi validate``'s runs and
+# ``finetune --model``'s start checkpoint.
+EARLY_ENTRIES = frozenset(
+    {LOCK_FILE, "log.txt", "xi_search", f"{OWN_START}.safetensors", f"{OWN_START}.json"}
+)
 
 
 def is_run_folder(out: Path) -> bool:

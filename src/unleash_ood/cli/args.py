@@ -7,6 +7,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import replace
+from pathlib import Path
 
 from unleash_ood.errors import UserError
 from unleash_ood.specs import Recipe, benchmark_augmentation
@@ -181,3 +182,73 @@ def recipe_from(args: argparse.Namespace, base=None, **fixed):
     given = {k: getattr(args, k) for k in RECIPE_FLAGS if getattr(args, k) is not None}
     base = base or Recipe(augment=benchmark_augmentation(args.benchmark))
     return replace(base, **given, **fixed)
+
+
+# Flags that describe a model given by --model (a torchvision/timm architecture), not a checkpoint.
+OWN_MODEL_FLAGS = ("weights", "head", "class_map", "resize", "crop", "gray_to_rgb")
+
+
+def add_own_model_args(p: argparse.ArgumentParser) -> None:
+    """Flags of ``--model``: weights, head, class map and the model's preprocessing."""
+    p.add_argument(
+        "--weights",
+        default=None,
+        help="with --model: a .safetensors or .pth state dict, or none for random weights",
+    )
+    p.add_argument(
+        "--head", default=None, help="with --model: the final nn.Linear (default: found)"
+    )
+    p.add_argument(
+        "--class-map",
+        default=None,
+        metavar="JSON",
+        help='with --model: {"<benchmark class>": <model output>, ...} for a head of other '
+        "classes (e.g. ImageNet's 1000)",
+    )
+    p.add_argument(
+        "--resize",
+        type=positive_int,
+        default=None,
+        help="with --model: resize images so their shorter side has this many pixels",
+    )
+    p.add_argument(
+        "--crop", type=positive_int, default=None, help="with --model: then centre-crop this size"
+    )
+    p.add_argument(
+        "--gray-to-rgb",
+        action="store_true",
+        help="with --model: repeat a grey image's channel for an RGB model",
+    )
+
+
+def check_own_model_args(args: argparse.Namespace, checkpoint: str) -> None:
+    """--model needs --weights; the own-model flags mean nothing with a checkpoint (the flag
+    whose destination is ``checkpoint``: ``--checkpoint``, ``--from``)."""
+    if args.model and args.weights is None:
+        raise UserError(f"--model {args.model} needs --weights FILE (or --weights none)")
+    if getattr(args, checkpoint):
+        given = [f for f in OWN_MODEL_FLAGS if getattr(args, f) not in (None, False)]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            name = "--" + checkpoint.rstrip("_").replace("_", "-")
+            raise UserError(
+                f"{flag} goes with --model, not {name}: a checkpoint carries its own settings"
+            )
+    if args.class_map and not Path(args.class_map).is_file():
+        raise UserError(f"--class-map {args.class_map} does not exist; give a JSON file")
+
+
+def load_own_model(args: argparse.Namespace, bench):
+    """The model of ``--model`` and its flags, checked against the benchmark's classes and
+    images (:func:`unleash_ood.models.load_model`)."""
+    from unleash_ood.models import Preprocess, load_model  # deferred: loads PyTorch
+
+    return load_model(
+        args.model,
+        args.weights,
+        num_classes=bench.num_classes,
+        input_shape=bench.image_shape,
+        head=args.head,
+        class_map=args.class_map,
+        preprocess=Preprocess(args.resize, args.crop, args.gray_to_rgb),
+    )

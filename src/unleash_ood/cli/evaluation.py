@@ -8,7 +8,10 @@ from pathlib import Path
 
 from unleash_ood.cli.args import (
     add_data_args,
+    add_own_model_args,
     add_run_args,
+    check_own_model_args,
+    load_own_model,
     non_negative_int,
     positive_int,
     run_config,
@@ -57,7 +60,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     check_out(out)
     if args.cache and Path(args.cache).exists() and not Path(args.cache).is_dir():
         raise UserError(f"--cache {args.cache} is a file; give a folder for the cached outputs")
-    _check_model_args(args)
+    check_own_model_args(args, "checkpoint")
     scorers = parse_scorer_list(args.scores)  # fail on a bad name before any heavy work
     if args.grid and not args.tune:
         raise UserError("--grid sets the search of --tune; add --tune")
@@ -115,23 +118,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(f"Full tables and plots in {out}/")
 
 
-# Flags that describe a model given by --model (a torchvision/timm architecture), not a checkpoint.
-_OWN_MODEL_FLAGS = ("weights", "head", "class_map", "resize", "crop", "gray_to_rgb")
-
-
-def _check_model_args(args: argparse.Namespace) -> None:
-    """--model needs --weights; the own-model flags mean nothing with --checkpoint."""
-    if args.model and args.weights is None:
-        raise UserError(f"--model {args.model} needs --weights FILE (or --weights none)")
-    if args.checkpoint:
-        given = [f for f in _OWN_MODEL_FLAGS if getattr(args, f) not in (None, False)]
-        if given:
-            flag = "--" + given[0].replace("_", "-")
-            raise UserError(f"{flag} goes with --model; a --checkpoint carries its own settings")
-    if args.class_map and not Path(args.class_map).is_file():
-        raise UserError(f"--class-map {args.class_map} does not exist; give a JSON file")
-
-
 def _evaluation_model(args: argparse.Namespace, bench, device) -> tuple:
     """(model, what config.json records about it, its name for plots) from --checkpoint or
     from --model/--weights, checked against the benchmark's classes and images."""
@@ -140,51 +126,8 @@ def _evaluation_model(args: argparse.Namespace, bench, device) -> tuple:
 
         model, meta = load_checkpoint(args.checkpoint, device, bench.num_classes, bench.image_shape)
         return model, meta, args.checkpoint
-    from unleash_ood.models import Preprocess, load_model
-
-    model = load_model(
-        args.model,
-        args.weights,
-        num_classes=bench.num_classes,
-        input_shape=bench.image_shape,
-        head=args.head,
-        class_map=args.class_map,
-        preprocess=Preprocess(args.resize, args.crop, args.gray_to_rgb),
-    )
+    model = load_own_model(args, bench)
     return model, model.source, args.model
-
-
-def _add_own_model_args(p: argparse.ArgumentParser) -> None:
-    """Flags of ``evaluate --model``: weights, head, class map and the model's preprocessing."""
-    p.add_argument(
-        "--weights",
-        default=None,
-        help="with --model: a .safetensors or .pth state dict, or none for random weights",
-    )
-    p.add_argument(
-        "--head", default=None, help="with --model: the final nn.Linear (default: found)"
-    )
-    p.add_argument(
-        "--class-map",
-        default=None,
-        metavar="JSON",
-        help='with --model: {"<benchmark class>": <model output>, ...} for a head of other '
-        "classes (e.g. ImageNet's 1000)",
-    )
-    p.add_argument(
-        "--resize",
-        type=positive_int,
-        default=None,
-        help="with --model: resize images so their shorter side has this many pixels",
-    )
-    p.add_argument(
-        "--crop", type=positive_int, default=None, help="with --model: then centre-crop this size"
-    )
-    p.add_argument(
-        "--gray-to-rgb",
-        action="store_true",
-        help="with --model: repeat a grey image's channel for an RGB model",
-    )
 
 
 def add_parsers(sub) -> None:
@@ -203,7 +146,7 @@ def add_parsers(sub) -> None:
         metavar="SOURCE:NAME",
         help="your own classifier instead: torchvision:NAME or timm:NAME, with --weights",
     )
-    _add_own_model_args(p)
+    add_own_model_args(p)
     p.add_argument("--scores", default="msp,energy", help="comma-separated scorer names, or 'all'")
     p.add_argument("--splits", default="test", help="OOD splits to report: test, val or val,test")
     p.add_argument("--out", required=True, help="run directory for tables and plots")

@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from unleash_ood.cli.args import (
     add_data_args,
     add_device_args,
+    add_own_model_args,
     add_recipe_args,
     add_spec_flags,
     add_workers_arg,
+    check_own_model_args,
+    load_own_model,
     model_kwargs,
     positive_int,
     recipe_from,
 )
 from unleash_ood.errors import UserError
-from unleash_ood.rundir import check_writable
+from unleash_ood.rundir import OWN_START, check_writable, is_run_folder
 from unleash_ood.specs import (
     DEFAULT_WEIGHT,
     LOSSES,
@@ -195,6 +199,19 @@ def _method(args: argparse.Namespace) -> str:
     return method_named(args.loss, args.trains)
 
 
+def _own_start(ctx, model, resume: bool) -> Path:
+    """``RUN/start``: your own model (``--model``) as the checkpoint the fine-tune starts from,
+    written once; a resumed run keeps the one it started from."""
+    from unleash_ood.checkpoint import own_model_spec, save_checkpoint
+
+    start = ctx.out / OWN_START
+    if ctx.main and not (resume and start.with_suffix(".json").is_file()):
+        spec = own_model_spec(model, ctx.benchmark.image_shape[-1])
+        save_checkpoint(start, model, spec, benchmark=ctx.benchmark.name, source=model.source)
+    ctx.barrier()
+    return start
+
+
 def cmd_finetune(args: argparse.Namespace) -> None:
     """Fine-tune a trained model with UM, UMAP, the CE control or ALPA, optionally with outlier
     exposure."""
@@ -202,9 +219,12 @@ def cmd_finetune(args: argparse.Namespace) -> None:
     from unleash_ood.context import RunContext
     from unleash_ood.data import load_benchmark
     from unleash_ood.method.finetune import finetune_run
+    from unleash_ood.models.external import own_model_options
 
     check_writable(Path(args.out))
-    start = read_sidecar(args.from_)  # fail on a missing checkpoint before loading data
+    check_own_model_args(args, "from_")
+    # fail on a missing checkpoint before loading data
+    start = read_sidecar(args.from_) if args.from_ else {"architecture": args.model}
     spec = FinetuneSpec(
         method=_method(args),
         xi=args.xi,
@@ -219,13 +239,23 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         model_kwargs=start.get("model_kwargs", {}),
     )
     bench = load_benchmark(args.benchmark, args.data_dir)
+    own = load_own_model(args, bench) if args.model else None
+    if own is not None:
+        recipe = replace(recipe, model_kwargs=own_model_options(own))
     ctx = RunContext.open(
         bench, args.out, args.device, progress=not args.no_progress, workers=args.workers
     )
+    start_path = Path(args.from_) if own is None else _own_start(ctx, own, args.resume)
     tracker = _epoch_tracker(args, bench, ctx.device) if args.track else None
-    final, choice = finetune_run(
-        ctx, Path(args.from_), spec, recipe, args.resume, tracker, recipe_name
-    )
+    try:
+        final, choice = finetune_run(
+            ctx, start_path, spec, recipe, args.resume, tracker, recipe_name
+        )
+    except UserError:
+        if own is not None and ctx.main and not is_run_folder(ctx.out):
+            for suffix in (".safetensors", ".json"):  # refused before training: leave nothing
+                start_path.with_suffix(suffix).unlink(missing_ok=True)
+        raise
     xi = "none (no loss constraint)" if choice.xi is None else f"{choice.xi:.4g} ({choice.source})"
     if choice.estimate:
         per_mask = ", ".join(f"{v:.4g}" for v in choice.estimate["per_mask"])
@@ -312,13 +342,20 @@ def add_parsers(sub) -> None:
 
     d = FinetuneSpec()
     p = sub.add_parser("finetune", help="fine-tune a trained model with UM, UMAP or plain CE")
-    p.add_argument(
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument(
         "--from",
         dest="from_",
-        required=True,
         metavar="CKPT",
         help="well-trained checkpoint to start from",
     )
+    which.add_argument(
+        "--model",
+        metavar="SOURCE:NAME",
+        help="your own classifier instead: torchvision:NAME or timm:NAME, with --weights; "
+        "saved as RUN/start, a checkpoint every command takes",
+    )
+    add_own_model_args(p)
     p.add_argument(
         "--method",
         default=None,

@@ -1,9 +1,11 @@
-"""Built-in architectures and a registry that builds any of them, or a torchvision model, by name.
+"""Built-in architectures and a registry that builds any of them, or a torchvision or timm
+model, by name.
 
 Names are stable strings (``cnn``, ``resnet18``, ``wrn40_2``, ``densenet100`` with alias
-``densenet_bc_100``, or ``torchvision:<name>`` for any torchvision classifier, split at its last
-``nn.Linear``), so a checkpoint can record its architecture as ``(name, num_classes,
-in_channels, kwargs)`` and be rebuilt with :func:`create_model` before its weights are loaded.
+``densenet_bc_100``, or ``torchvision:<name>`` / ``timm:<name>`` for any torchvision or timm
+classifier, split at its last ``nn.Linear`` unless the option ``head`` names it), so a
+checkpoint can record its architecture as ``(name, num_classes, in_channels, kwargs)`` and be
+rebuilt with :func:`create_model` before its weights are loaded.
 """
 
 from __future__ import annotations
@@ -13,15 +15,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from unleash_ood.errors import UserError
-from unleash_ood.models.adapter import IMAGENET_MEAN, IMAGENET_STD, HeadSplit, linear_layer_names
+from unleash_ood.models.adapter import HeadSplit
 from unleash_ood.models.base import Classifier
 from unleash_ood.models.cnn import SmallCNN
 from unleash_ood.models.densenet import DenseNetBC
 from unleash_ood.models.external import (
+    TIMM,
+    TORCHVISION,
     ExternalModel,
     Preprocess,
     load_model,
-    torchvision_classifier,
+    rebuild_own_model,
 )
 from unleash_ood.models.resnet import ResNet18
 from unleash_ood.models.vit import ViT
@@ -45,7 +49,6 @@ __all__ = [
     "model_names",
 ]
 
-TORCHVISION_PREFIX = "torchvision:"
 # Arguments every built-in takes from create_model itself, never through **kwargs.
 _COMMON = frozenset({"num_classes", "in_channels", "mean", "std"})
 
@@ -109,14 +112,13 @@ def create_model(
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise UserError(f"num_classes must be a positive integer; got {num_classes!r}")
-    if name.startswith(TORCHVISION_PREFIX):
-        arch = name.removeprefix(TORCHVISION_PREFIX)
-        return _create_torchvision(arch, num_classes, in_channels, mean, std, kwargs)
+    if name.startswith((TORCHVISION, TIMM)):
+        return rebuild_own_model(name, num_classes, in_channels, mean, std, kwargs)
     spec = MODELS.get(ALIASES.get(name, name))
     if spec is None:
         raise UserError(
             f"unknown model {name!r}; choose one of: {', '.join(model_names())}, "
-            f"or {TORCHVISION_PREFIX}<name> for a torchvision classifier"
+            f"or {TORCHVISION}<name> / {TIMM}<name> for a torchvision or timm classifier"
         )
     check_options(f"model {name!r}", spec.build, kwargs, skip=_COMMON | set(spec.fixed))
     mean = _channel_stats("mean", mean, in_channels, (0.5,) * in_channels)
@@ -148,26 +150,3 @@ def _channel_stats(
             "input channels; give one per channel"
         )
     return values
-
-
-def _create_torchvision(
-    arch: str,
-    num_classes: int,
-    in_channels: int,
-    mean: Sequence[float] | None,
-    std: Sequence[float] | None,
-    kwargs: dict[str, Any],
-) -> HeadSplit:
-    """``torchvision.models.get_model(arch, weights=None, ...)`` split at its last Linear."""
-    if in_channels != 3:
-        raise UserError(f"torchvision models take 3-channel input; got in_channels={in_channels}")
-    model = torchvision_classifier(arch, num_classes, **kwargs)
-    heads = linear_layer_names(model)
-    if not heads:
-        raise UserError(f"{TORCHVISION_PREFIX}{arch} has no nn.Linear head to split at")
-    return HeadSplit(
-        model,
-        head=heads[-1],
-        mean=_channel_stats("mean", mean, 3, IMAGENET_MEAN),
-        std=_channel_stats("std", std, 3, IMAGENET_STD),
-    )

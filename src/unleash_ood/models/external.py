@@ -73,22 +73,28 @@ def torchvision_classifier(arch: str, num_classes: int | None = None, **kwargs: 
         raise UserError(f"{TORCHVISION}{arch} rejected its arguments: {e}") from e
 
 
-def _timm_classifier(arch: str, num_classes: int | None = None) -> nn.Module:
+def _timm_classifier(arch: str, num_classes: int | None = None, **kwargs: Any) -> nn.Module:
     try:
         import timm  # an optional extra
     except ImportError as e:
         raise UserError(f"{TIMM}{arch} needs timm, which is not installed: pip install timm") from e
     if arch not in timm.list_models():
         raise UserError(f"unknown timm model {arch!r}; see timm.list_models() for the names")
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    return timm.create_model(arch, pretrained=False, **kwargs)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    try:
+        return timm.create_model(arch, pretrained=False, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{TIMM}{arch} rejected its arguments: {e}") from e
 
 
-def _builder(spec: str) -> Callable[[int | None], nn.Module]:
+def _builder(spec: str, **kwargs: Any) -> Callable[[int | None], nn.Module]:
+    """The architecture ``spec`` names, as a function of its class count; ``kwargs`` go to
+    its constructor."""
     for prefix, build in ((TORCHVISION, torchvision_classifier), (TIMM, _timm_classifier)):
         if spec.startswith(prefix) and spec.removeprefix(prefix):
             arch = spec.removeprefix(prefix)
-            return lambda k: build(arch, k)
+            return lambda k: build(arch, k, **kwargs)
     raise UserError(
         f"--model {spec!r}: give {TORCHVISION}NAME or {TIMM}NAME (e.g. torchvision:resnet50)"
     )
@@ -375,6 +381,59 @@ def load_model(
         **asdict(preprocess),
     }
     return model.eval()
+
+
+# The options of an own model's checkpoint that are not its constructor's: where its head is
+# and its preprocessing (what load_model was given besides the weights).
+OWN_OPTIONS = ("head", "resize", "crop", "gray_to_rgb")
+
+
+def own_model_options(model: ExternalModel) -> dict[str, Any]:
+    """What a checkpoint of ``model`` records to rebuild it (:func:`rebuild_own_model`): its
+    head's name and its preprocessing. A class map needs no record: the head it cut down is
+    saved with the weights, and is rebuilt at its class count."""
+    return {"head": model.head_name, **asdict(model.preprocess)}
+
+
+def rebuild_own_model(
+    spec: str,
+    num_classes: int,
+    in_channels: int,
+    mean: Sequence[float] | None,
+    std: Sequence[float] | None,
+    options: Mapping[str, Any],
+) -> ExternalModel:
+    """The untrained :class:`ExternalModel` of a checkpoint of your own model, to load its
+    weights into: ``spec`` at ``num_classes`` outputs, split at ``options["head"]`` (default:
+    its last ``nn.Linear``), with the preprocessing ``options`` record; the other options go to
+    the architecture's constructor. ``in_channels`` is the data's: 1 with ``gray_to_rgb``."""
+    ctor = {k: v for k, v in options.items() if k not in OWN_OPTIONS}
+    preprocess = Preprocess(
+        options.get("resize"), options.get("crop"), options.get("gray_to_rgb", False) is True
+    )
+    takes = 1 if preprocess.gray_to_rgb else 3
+    if in_channels != takes:
+        raise UserError(
+            f"{spec} takes 3-channel input; got in_channels={in_channels} (1 needs "
+            "gray_to_rgb=True)"
+        )
+    net = _builder(spec, **ctor)(num_classes)
+    head = options.get("head")
+    if head is None:
+        heads = linear_layer_names(net)
+        if not heads:
+            raise UserError(f"{spec} has no nn.Linear head to split at")
+        head = heads[-1]
+    if not isinstance(head, str):
+        raise UserError(f"{spec}: head must be a module name, not {head!r}")
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    mean = tuple(mean or cfg.get("mean", IMAGENET_MEAN))
+    std = tuple(std or cfg.get("std", IMAGENET_STD))
+    if len(mean) != 3 or len(std) != 3:
+        raise UserError(f"{spec} takes 3-channel input: give 3 values of mean and of std")
+    model = ExternalModel(net, head, preprocess, mean, std)
+    model.source = {"model": spec, **options}
+    return model
 
 
 def _check_input(

@@ -23,7 +23,7 @@ class Watermarked(Classifier):
         nn.Module.__init__(self)  # no buffers of its own but the pattern
         self.model = model
         pattern = pattern.detach().float().reshape(1, *pattern.shape[-3:])
-        channels = int(model.input_mean.shape[1])
+        channels = model.in_channels  # the images': 1 for an RGB model fed grey ones
         if pattern.shape[1] != channels:
             raise ValueError(f"a {pattern.shape[1]}-channel pattern for a {channels}-channel model")
         self.register_buffer("pattern", pattern.clone())
@@ -35,6 +35,10 @@ class Watermarked(Classifier):
     @property
     def input_mean(self) -> torch.Tensor:
         return self.model.input_mean
+
+    @property
+    def in_channels(self) -> int:
+        return self.model.in_channels
 
     @property
     def input_std(self) -> torch.Tensor:
