@@ -69,6 +69,11 @@ def number_list(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(msg) from None
 
 
+def count(n: int, noun: str) -> str:
+    """``1 epoch``, ``3 epochs``: a count with its noun, for the commands' summary lines."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--benchmark",

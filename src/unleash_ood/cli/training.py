@@ -16,6 +16,7 @@ from unleash_ood.cli.args import (
     add_spec_flags,
     add_workers_arg,
     check_own_model_args,
+    count,
     load_own_model,
     model_kwargs,
     positive_int,
@@ -261,9 +262,9 @@ def cmd_finetune(args: argparse.Namespace) -> None:
         per_mask = ", ".join(f"{v:.4g}" for v in choice.estimate["per_mask"])
         xi += f"; per mask {per_mask}, {choice.estimate.get('reduction', 'mean')} taken"
     with_oe = f" and {args.outliers} outlier exposure" if args.outliers else ""
-    epochs = f"{recipe.epochs} epoch{'s' if recipe.epochs != 1 else ''}"
     print(
-        f"fine-tuned with {spec.method}{with_oe} (recipe {recipe_name}: {epochs}, "
+        f"fine-tuned with {spec.method}{with_oe} (recipe {recipe_name}: "
+        f"{count(recipe.epochs, 'epoch')}, "
         f"lr {recipe.lr} {recipe.schedule}), xi {xi}; final model: {final}.safetensors"
     )
 

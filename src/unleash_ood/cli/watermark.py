@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from unleash_ood.cli.args import add_data_args, add_device_args, positive_int
+from unleash_ood.cli.args import add_data_args, add_device_args, count, positive_int
 from unleash_ood.specs import WATERMARK_PRESETS, WATERMARK_SCORES, WatermarkSpec, watermark_preset
 
 # Each handler imports what it needs (PyTorch included) when it runs, so that the parser, and
@@ -41,7 +41,7 @@ def cmd_watermark(args: argparse.Namespace) -> None:
         bench, args.from_, spec, out, device, progress=not args.no_progress, resume=args.resume
     )
     print(
-        f"learned a {spec.score} watermark in {spec.epochs} epochs; watermarked model: "
+        f"learned a {spec.score} watermark in {count(spec.epochs, 'epoch')}; watermarked model: "
         f"{final}.safetensors (evaluate it with 'unleash evaluate --checkpoint {final}'); "
         f"pattern in {out}/watermark.safetensors and watermark.png"
     )
