@@ -1,6 +1,7 @@
 """End-to-end tests of the ``unleash`` commands on small generated data."""
 
 import json
+from importlib.metadata import version
 
 import pytest
 
@@ -87,3 +88,10 @@ def test_bad_input_fails_cleanly(
     assert code == 2
     assert message in err and len(err.strip().splitlines()) == 1
     assert not out_dir.exists()
+
+
+def test_version_is_the_installed_distribution_s(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert capsys.readouterr().out == f"unleash-ood {version('unleash-ood')}\n"

@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 
+from unleash_ood import __version__
 from unleash_ood.cli import atypical, demo, detector, evaluation, training, watermark
 from unleash_ood.cli.args import HelpFormatter, Parser
 from unleash_ood.errors import UserError
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="OOD detection for image classifiers (Unleashing Mask).",
         formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"unleash-ood {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser = partial(sub.add_parser, formatter_class=HelpFormatter)
     for module in COMMANDS:
