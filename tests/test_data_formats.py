@@ -15,9 +15,11 @@ import scipy.io
 import torch
 from PIL import Image
 
+from unleash_ood.cli import main
 from unleash_ood.data import cifar, formats
 from unleash_ood.data.registry import DATASETS, SUITES
 from unleash_ood.errors import UserError
+from unleash_ood.progress import decoding_bars
 
 CIFAR10_NAMES = [b"airplane", b"automobile", *(f"class{i}".encode() for i in range(2, 10))]
 
@@ -339,6 +341,27 @@ def test_image_folder_keeps_aspect_and_crops_the_centre(tmp_path: Path) -> None:
     assert (image[1] == 255).all() and (image[0] == 0).all() and (image[2] == 0).all()
     grey = formats.load_image_folder(tmp_path / "wide", 16, 1)
     assert grey.shape == (1, 1, 16, 16)
+
+
+def test_decoding_bars_follow_no_progress(
+    tmp_path: Path, capsys, fmnist_dir, tiny_checkpoint
+) -> None:
+    """A folder is decoded where its dataset is first read, below any progress flag: a
+    command's --no-progress reaches it through decoding_bars, and only within the command."""
+    write_pictures(tmp_path / "shown", 2, seed=0)
+    formats.load_image_folder(tmp_path / "shown", 32, 3)
+    assert "decoding" in capsys.readouterr().err
+    write_pictures(tmp_path / "outliers", 64, seed=1)
+    argv = ["finetune", "--from", str(tiny_checkpoint), "--method", "ce", "--outliers", "oe"]
+    argv += ["--aux", str(tmp_path / "outliers"), "--recipe", "quick", "--epochs", "1"]
+    argv += ["--data-dir", str(fmnist_dir), "--device", "cpu", "--out", str(tmp_path / "run")]
+    assert main([*argv, "--no-progress"]) == 0
+    assert "decoding" not in capsys.readouterr().err
+    with decoding_bars(False):
+        formats.load_image_folder(tmp_path / "outliers", 16, 1)
+    assert "decoding" not in capsys.readouterr().err
+    formats.load_image_folder(tmp_path / "outliers", 8, 1)
+    assert "decoding" in capsys.readouterr().err
 
 
 def test_unreadable_files_are_skipped_with_a_warning(tmp_path: Path) -> None:

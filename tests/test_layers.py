@@ -25,6 +25,7 @@ LOWER = (
     "rundir",
     "device",
     "heap",
+    "progress",
     "augment",
     "tables",
     "context",

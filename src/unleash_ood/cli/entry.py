@@ -16,6 +16,7 @@ from unleash_ood.cli import atypical, demo, detector, evaluation, training, wate
 from unleash_ood.cli.args import HelpFormatter, Parser
 from unleash_ood.errors import UserError
 from unleash_ood.heap import reuse_batch_buffers
+from unleash_ood.progress import decoding_bars
 from unleash_ood.rundir import out_lock
 
 # The sub-command modules, in the order ``unleash --help`` lists their commands.
@@ -40,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     reuse_batch_buffers()
     try:
-        with _run_folder_lock(args):
+        with _run_folder_lock(args), decoding_bars(not getattr(args, "no_progress", False)):
             args.func(args)
     except UserError as e:
         print(f"unleash {args.command}: error: {e}", file=sys.stderr)

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from unleash_ood.data.base import cached_array
 from unleash_ood.errors import UserError
+from unleash_ood.progress import show_decoding_bars
 
 # --------------------------------------------------------------------------- restricted pickle
 
@@ -351,14 +352,21 @@ def decode_image(path: Path, size: int, channels: int) -> np.ndarray | None:
 
 
 def _decode_all(paths: Sequence[Path], size: int, channels: int, name: str) -> np.ndarray:
-    """Decode in threads (PIL releases the GIL) with a progress bar; skip unreadable files."""
+    """Decode in threads (PIL releases the GIL) with a progress bar (unless
+    :func:`~unleash_ood.progress.decoding_bars` hides it); skip unreadable files."""
     out = np.empty((len(paths), channels, size, size), dtype=np.uint8)
     ok = np.zeros(len(paths), dtype=bool)
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool:
         decoded = pool.map(lambda p: decode_image(p, size, channels), paths)
         for i, image in enumerate(
-            tqdm(decoded, total=len(paths), desc=f"decoding {name}", unit="img")
+            tqdm(
+                decoded,
+                total=len(paths),
+                desc=f"decoding {name}",
+                unit="img",
+                disable=not show_decoding_bars(),
+            )
         ):
             if image is not None:
                 out[i], ok[i] = image, True
