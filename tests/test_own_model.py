@@ -435,6 +435,13 @@ def test_cli_fine_tunes_your_own_model_with_um(capsys, fmnist_dir, tmp_path) -> 
     assert config["recipe"]["model"] == "torchvision:shufflenet_v2_x0_5"
     final = out / "checkpoints" / "final"
     assert json.loads(final.with_suffix(".json").read_text())["model_kwargs"]["gray_to_rgb"]
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(weights.read_bytes())
+    other = [a if a != str(weights) else str(copy) for a in argv]  # resumed from other weights
+    assert main([*other, "--resume"]) == 2
+    assert "it started from another model" in capsys.readouterr().err
+    assert main([*argv, "--resume"]) == 0  # the same flags: nothing left to train
+    capsys.readouterr()
     evaluated = tmp_path / "eval"
     argv = ["evaluate", "--checkpoint", str(final), "--data-dir", str(fmnist_dir)]
     assert main([*argv, "--out", str(evaluated), "--no-progress"]) == 0

@@ -202,11 +202,17 @@ def _method(args: argparse.Namespace) -> str:
 
 def _own_start(ctx, model, resume: bool) -> Path:
     """``RUN/start``: your own model (``--model``) as the checkpoint the fine-tune starts from,
-    written once; a resumed run keeps the one it started from."""
-    from unleash_ood.checkpoint import own_model_spec, save_checkpoint
+    written once; a resumed run keeps the one it started from, if the flags still name it."""
+    from unleash_ood.checkpoint import own_model_spec, read_sidecar, save_checkpoint
 
     start = ctx.out / OWN_START
-    if ctx.main and not (resume and start.with_suffix(".json").is_file()):
+    if resume and start.with_suffix(".json").is_file():
+        if read_sidecar(start).get("source") != json.loads(json.dumps(model.source)):
+            raise UserError(
+                f"cannot resume {ctx.out}: it started from another model ({start}.json says "
+                f"which); rerun with the same --model, --weights and their flags"
+            )
+    elif ctx.main:
         spec = own_model_spec(model, ctx.benchmark.image_shape[-1])
         save_checkpoint(start, model, spec, benchmark=ctx.benchmark.name, source=model.source)
     ctx.barrier()
