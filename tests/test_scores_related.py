@@ -238,6 +238,10 @@ def test_evaluator_refuses_mode_on_a_model_without_a_map(tiny_benchmark):
     model = HeadSplit(net, head="1", mean=(0.5,), std=(0.5,))
     with pytest.raises(UserError, match="mode needs the model's last feature map"):
         Evaluator(model, tiny_benchmark, "msp,mode", device="cpu", progress=False)
+    with pytest.warns(UserWarning, match="'all' leaves out mode, rankfeat, mahalanobis_layers"):
+        every = Evaluator(model, tiny_benchmark, "all", device="cpu", progress=False)
+    names = {s.name for s in every.scorers}
+    assert {"msp", "knn", "forte"} <= names and not names & {"mode", "rankfeat", "gram"}
 
 
 # ---------------------------------------------------------------- Forte

@@ -457,3 +457,20 @@ def test_cli_bad_flags_are_one_line(
     err = capsys.readouterr().err.strip()
     assert code == 2 and words in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+def test_cli_scores_all_warns_in_one_line_of_what_it_leaves_out(
+    capsys, tmp_path: Path, bench_file: Path
+) -> None:
+    """--scores all on a model without a feature map: every other scorer, one warning line."""
+    argv = ["evaluate", "--model", "torchvision:shufflenet_v2_x0_5", "--weights", "none"]
+    argv += ["--gray-to-rgb", "--benchmark", str(bench_file), "--scores", "all"]
+    assert main([*argv, "--no-progress", "--out", str(tmp_path / "all")]) == 0
+    err = capsys.readouterr().err
+    assert err == (
+        "unleash evaluate: warning: scores 'all' leaves out mode, rankfeat, mahalanobis_layers, "
+        "gram: they read the last feature map before pooling, which ExternalModel does not "
+        "expose\n"
+    )
+    rows = json.loads((tmp_path / "all" / "metrics.json").read_text())["rows"]
+    assert len({r["scorer"] for r in rows}) == 29

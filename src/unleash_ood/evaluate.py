@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,6 +115,22 @@ def check_fits(model: Classifier, benchmark: Benchmark) -> None:
             f"the model takes {takes}-channel images but {benchmark.name}'s have "
             f"{channels}; {grey if channels == 1 and takes == 3 else 'use a model made for them'}"
         )
+
+
+def applicable_scorers(model: Classifier, scorers: list[Scorer]) -> list[Scorer]:
+    """``scorers`` ("all" of them) less those that read a feature map ``model`` does not
+    expose, with a warning that names them; a scorer asked for by name is refused instead
+    (:func:`check_feature_maps`)."""
+    if model.exposes_map():
+        return scorers
+    left_out = [s.name for s in scorers if s.map_summaries]
+    if left_out:
+        warnings.warn(
+            f"scores 'all' leaves out {', '.join(left_out)}: they read the last feature map "
+            f"before pooling, which {type(model).__name__} does not expose",
+            stacklevel=3,
+        )
+    return [s for s in scorers if not s.map_summaries]
 
 
 def check_feature_maps(model: Classifier, scorers: Sequence[Scorer]) -> None:
@@ -330,6 +347,8 @@ class Evaluator:
         self.model = prepare_model(model, self.device).eval()
         self.benchmark = benchmark
         self.scorers = as_scorers(scorers)
+        if isinstance(scorers, str) and scorers.strip() == "all":
+            self.scorers = applicable_scorers(self.model, self.scorers)
         self.batch_size = batch_size
         self.cache = OutputCache(cache_dir, model, cache_fp16) if cache_dir else None
         self.dist = current_dist()

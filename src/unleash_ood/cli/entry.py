@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
@@ -41,7 +42,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     reuse_batch_buffers()
     try:
-        with _run_folder_lock(args), decoding_bars(not getattr(args, "no_progress", False)):
+        with (
+            _run_folder_lock(args),
+            decoding_bars(not getattr(args, "no_progress", False)),
+            warnings.catch_warnings(),  # restores showwarning afterwards
+        ):
+            warnings.showwarning = partial(_one_line_warning, f"unleash {args.command}")
             args.func(args)
     except UserError as e:
         print(f"unleash {args.command}: error: {e}", file=sys.stderr)
@@ -54,6 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         _leave_process_group()
     return 0
+
+
+def _one_line_warning(prog: str, message, category, filename, lineno, file=None, line=None):
+    """A warning as the command's own line on stderr, like its errors (no source location)."""
+    print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def _run_folder_lock(args: argparse.Namespace) -> AbstractContextManager:
