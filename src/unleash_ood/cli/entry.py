@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
+from typing import TextIO
 
 from unleash_ood import __version__
 from unleash_ood.cli import atypical, demo, detector, evaluation, training, watermark
@@ -62,7 +63,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _one_line_warning(prog: str, message, category, filename, lineno, file=None, line=None):
+def _one_line_warning(
+    prog: str,
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     """A warning as the command's own line on stderr, like its errors (no source location)."""
     print(f"{prog}: warning: {message}", file=sys.stderr if file is None else file)
 
