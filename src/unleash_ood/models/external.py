@@ -359,9 +359,7 @@ def load_model(
             f"{num_classes}; give --class-map FILE (JSON {{benchmark class: model output}}) "
             "or weights trained on this benchmark"
         )
-    cfg = getattr(net, "pretrained_cfg", None) or {}
-    mean = tuple(mean or cfg.get("mean", IMAGENET_MEAN))
-    std = tuple(std or cfg.get("std", IMAGENET_STD))
+    mean, std = _input_stats(net, mean, std)
     probe = _check_input(net, spec, input_shape, preprocess, len(mean))
     try:
         model = ExternalModel(net, head_name, preprocess, mean, std, input_size=probe)
@@ -426,14 +424,20 @@ def rebuild_own_model(
         head = heads[-1]
     if not isinstance(head, str):
         raise UserError(f"{spec}: head must be a module name, not {head!r}")
-    cfg = getattr(net, "pretrained_cfg", None) or {}
-    mean = tuple(mean or cfg.get("mean", IMAGENET_MEAN))
-    std = tuple(std or cfg.get("std", IMAGENET_STD))
+    mean, std = _input_stats(net, mean, std)
     if len(mean) != 3 or len(std) != 3:
         raise UserError(f"{spec} takes 3-channel input: give 3 values of mean and of std")
     model = ExternalModel(net, head, preprocess, mean, std)
     model.source = {"model": spec, **options}
     return model
+
+
+def _input_stats(
+    net: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``mean`` / ``std``, by default ImageNet's (timm: the model's ``pretrained_cfg``)."""
+    cfg = getattr(net, "pretrained_cfg", None) or {}
+    return tuple(mean or cfg.get("mean", IMAGENET_MEAN)), tuple(std or cfg.get("std", IMAGENET_STD))
 
 
 def _check_input(
