@@ -166,7 +166,7 @@ CASES = [
     ("evaluate --checkpoint {ckpt} --data-dir {b_not_gzip} --out {out}", "not an IDX file"),
     ("evaluate --checkpoint {ckpt} --data-dir {b_bad_dtype} --out {out}", "IDX"),
     ("evaluate --checkpoint {ckpt} --grid knn:k=5 --out {out}", "--grid"),
-    ("evaluate --checkpoint {ckpt} --bogus-flag --out {out}", "unrecognized arguments"),
+    ("evaluate --checkpoint {ckpt} --bogus-flag --out {out}", "see 'unleash evaluate --help'"),
     ("evaluate --out {out}", "--checkpoint"),
     ("evaluate --checkpoint {ckpt} --fit-samples 100 --seed -1 --out {out}", "--seed"),
     # pretrain
@@ -244,6 +244,7 @@ CASES = [
     ("watermark --from {ckpt} --alpha -1 --out {out}", "--alpha must be a finite number > 0"),
     ("watermark --from {missing} --out {out}", "no checkpoint at"),
     ("detector train --kind vae --model-arg width=0 --out {out}", "width takes a positive"),
+    ("detector train --kind vae --top 3 --out {out}", "train: error: unrecognized arguments"),
     ("detector train --kind ama --model-arg spectral_norm=1 --out {out}", "true or false"),
     ("detector train --kind vae --grad-clip -1 --out {out}", "--grad-clip must be >= 0"),
     ("detector evaluate --from {missing} --out {out}", "no checkpoint at"),

@@ -14,7 +14,23 @@ from unleash_ood.specs import Recipe, benchmark_augmentation
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with its errors on one line that says where help is (not the usage block)."""
+    """argparse with its errors on one line that says where help is (not the usage block),
+    and an unknown flag reported by the command it was given to (argparse leaves it to the
+    top-level parser, whose help does not list the command's flags)."""
+
+    has_commands = False
+
+    def add_subparsers(self, **kwargs) -> argparse._SubParsersAction:
+        self.has_commands = True
+        return super().add_subparsers(**kwargs)
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras and not self.has_commands:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace, extras
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}; see '{self.prog} --help'\n")
@@ -105,8 +121,8 @@ def add_workers_arg(p: argparse.ArgumentParser) -> None:
         type=non_negative_int,
         default=0,
         help="processes decoding streamed image files (benchmark files, imagenet-openood) in "
-        "every pass over data: training, validation, xi's estimate, outlier batches, tracking "
-        "(default: 0, none)",
+        "every pass over data: training, validation, xi's estimate, outlier batches, tracking; "
+        "0 decodes in the command's own process",
     )
 
 
