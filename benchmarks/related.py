@@ -11,7 +11,9 @@ MSP, Energy and a panel of post-hoc scorers on the OOD validation and test sets;
 post-hoc scorer of a model is the one with the best mean AUROC on the *validation* sets, and
 only its test figures are reported. Training arms run once per seed; the cost of a
 watermark is set against plain evaluation of the starting model, the cost of WOODS / SCONE
-against the plain CE fine-tune. ``--resume`` skips every arm whose outputs exist.
+against the plain CE fine-tune. ``--resume`` skips every arm whose outputs exist, and every
+arm that ``<out>.json`` records (with the same ``--epochs``) though its run folder is gone:
+its recorded row stays in the tables and it is not trained again.
 The arms run cheapest first: the ``paper-oe`` fine-tunes of every seed, then the watermarks
 (each 50 epochs of sharpness-aware steps on ID and noise batches, far more than a fine-tune).
 ``--systems`` runs some systems only; the tables hold every arm finished so far, run now or
@@ -44,7 +46,8 @@ from unleash_ood.report import markdown_table, mean_std
 POSTHOC = "msp,energy,maxlogit,gen,mahalanobis,knn,vim,react,rmds,she"
 SMOKE_POSTHOC = "msp,energy,maxlogit,knn"
 WILD_PI = "0.1"
-SYSTEMS = ("start", "watermark-msp", "watermark-energy", "ce", "woods", "scone")
+# In the tables' order.
+SYSTEMS = ("start", "ce", "woods", "scone", "watermark-msp", "watermark-energy")
 
 
 def unleash(argv: list[str], log: Path) -> dict[str, float]:
@@ -142,31 +145,45 @@ def run_arm(
     }
 
 
+def recorded_rows(args: argparse.Namespace) -> dict[tuple[str, int | None], dict]:
+    """The row of every arm ``<out>.json`` records, by (system, seed); none when it holds a
+    smoke run or arms of another ``--epochs``."""
+    path = Path(f"{args.out}.json")
+    if args.smoke or not path.exists():
+        return {}
+    recorded = json.loads(path.read_text())
+    if recorded["smoke"] or recorded.get("epochs") != args.epochs:  # absent: defaults
+        return {}
+    return {(name, row["seed"]): row for name, rs in recorded["results"].items() for row in rs}
+
+
+def grouped(rows: dict[tuple[str, int | None], dict]) -> dict[str, list[dict]]:
+    """Rows by system, in the tables' order, each system's seeds ascending."""
+    out: dict[str, list[dict]] = {}
+    for name, seed in sorted(
+        rows, key=lambda k: (SYSTEMS.index(k[0]), -1 if k[1] is None else k[1])
+    ):
+        out.setdefault(name, []).append(rows[(name, seed)])
+    return out
+
+
 def run_all(args: argparse.Namespace, write: Callable[[dict[str, list[dict]]], None]) -> None:
     """Run the arms of ``--systems``; ``write`` gets the rows of every finished arm, run now or
-    before, first from what has finished (so a rerun never drops an arm from the tables), then
-    again after each arm that runs."""
-    listed = arms(args)
-    rows: dict[int, dict] = {}
-
-    def grouped() -> dict[str, list[dict]]:
-        out: dict[str, list[dict]] = {}
-        for i in sorted(rows):
-            out.setdefault(listed[i][0], []).append(rows[i])
-        return out
-
+    before, first from what has finished or is recorded (so a rerun never drops an arm from
+    the tables), then again after each arm that runs."""
+    rows = recorded_rows(args)
     pending = []
-    for i, (name, seed, train) in enumerate(listed):
+    for name, seed, train in arms(args):
         folder = args.runs / (name if seed is None else f"{name}-seed{seed}")
         selected = name in args.systems
         if finished(folder, train is not None) and (args.resume or not selected):
-            rows[i] = run_arm(args, name, seed, train, resume=True)
-        elif selected:
-            pending.append(i)
-    write(grouped())
-    for i in pending:
-        rows[i] = run_arm(args, *listed[i], resume=args.resume)
-        write(grouped())
+            rows[(name, seed)] = run_arm(args, name, seed, train, resume=True)
+        elif selected and not (args.resume and (name, seed) in rows):
+            pending.append((name, seed, train))
+    write(grouped(rows))
+    for name, seed, train in pending:
+        rows[(name, seed)] = run_arm(args, name, seed, train, resume=args.resume)
+        write(grouped(rows))
 
 
 def tables(results: dict[str, list[dict]]) -> str:
