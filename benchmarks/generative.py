@@ -13,7 +13,8 @@ fine-tuning, ``--width`` sets the VAE's) and one ``unleash detector evaluate --s
 of it (AMA with the critic of the authors' OOD command, from ``checkpoints/best``, the epoch it
 selects on the OOD validation sets; MOOD
 with the classifier scores in ``KIND_SCORES``), each a child process, so the study runs
-exactly what a user runs. A finished run is skipped; an interrupted one continues with
+exactly what a user runs. A finished run is skipped, and so is one that ``<out>.json`` records
+(with the same ``--epochs``) when its folder is gone; an interrupted one continues with
 ``--resume`` (bit-exact on a CPU). The diffusion model trains on Fashion-MNIST itself: no
 28x28 grey base set unrelated to it ships offline (see ``generative/diffpath.py``). The
 shipped CNN is evaluated once with the classifier scores of the comparison rows. After every
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 
 from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
+from unleash_ood.cli.args import count
 from unleash_ood.data import Benchmark, load_benchmark
 from unleash_ood.demo import shipped_checkpoint
 from unleash_ood.device import resolve_device, to_device
@@ -136,18 +138,43 @@ def rows_of(out: Path) -> dict[tuple[str, str], dict[str, float]]:
     return {(r["scorer"], r["dataset"]): r for r in rows if r["split"] == "test"}
 
 
+def recorded_runs(out: Path, epochs: int | None) -> dict[str, dict]:
+    """The runs an earlier invocation recorded in ``<out>.json`` with the same ``--epochs``:
+    their rows stay in the tables, and they are not trained again, when their folders are
+    gone."""
+    path = out.with_suffix(".json")
+    if not path.exists():
+        return {}
+    summary = json.loads(path.read_text())
+    return summary["runs"] if summary["epochs"] == epochs else {}
+
+
+def run_record(run: Path) -> dict:
+    """A finished run's times and test rows, as ``<out>.json`` keeps them."""
+    return {
+        "train_seconds": train_seconds(run),
+        "score_seconds": json.loads((run / "eval" / "timing.json").read_text())["seconds"],
+        "rows": {
+            f"{s}/{d}": {m: v[m] for m in METRIC_NAMES}
+            for (s, d), v in rows_of(run / "eval").items()
+        },
+    }
+
+
 def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) -> None:
-    """Mean ± std over the finished seeds, per score and OOD test set."""
-    done = [r for r in runs if (r / "eval" / "metrics.json").exists()]
-    per_seed = {r.name: rows_of(r / "eval") for r in done}
+    """Mean ± std over the finished seeds, per score and OOD test set: the runs finished in
+    ``runs`` and those ``<out>.json`` records."""
+    records = recorded_runs(out, epochs)
+    records.update({r.name: run_record(r) for r in runs if (r / "eval" / "metrics.json").exists()})
+    per_seed = {
+        name: {tuple(key.split("/", 1)): v for key, v in record["rows"].items()}
+        for name, record in records.items()
+    }
     reference = rows_of(classifier) if (classifier / "metrics.json").exists() else {}
     sets = list(dict.fromkeys(d for rows in (*per_seed.values(), reference) for _, d in rows))
     recipe = "each kind's own recipe" if epochs is None else f"every kind cut to {epochs} epochs"
-    lines = [
-        f"# Generative detectors on fmnist, {recipe} ({len(done)} of {len(runs)} runs finished)",
-        "",
-    ]
-    summary: dict = {"epochs": epochs, "runs": {}, "classifier": {}}
+    finished = count(len(records), "run")
+    lines = [f"# Generative detectors on fmnist, {recipe} ({finished} finished)", ""]
     for name in sets:
         table = []
         for kind in KINDS:
@@ -158,7 +185,7 @@ def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) ->
             for s in scorers:
                 vals = {m: [100 * rows[(s, name)][m] for rows in seeds] for m in METRICS}
                 cells = [f"{np.mean(v):.2f} ± {np.std(v):.2f}" for v in vals.values()]
-                table.append([f"{kind} {s} ({len(seeds)} seeds)", *cells])
+                table.append([f"{kind} {s} ({count(len(seeds), 'seed')})", *cells])
         for s in CLASSIFIER_SCORES:
             if (s, name) in reference:
                 table.append(
@@ -170,25 +197,21 @@ def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) ->
             markdown_table(["detector", "AUROC", "FPR95 (ID+)", "FPR95 (OOD+)"], table),
             "",
         ]
-    timing = []
-    for r in done:
-        score_s = json.loads((r / "eval" / "timing.json").read_text())["seconds"]
-        timing.append([r.name, f"{train_seconds(r) / 60:.1f}", f"{score_s / 60:.1f}"])
-        summary["runs"][r.name] = {
-            "train_seconds": train_seconds(r),
-            "score_seconds": score_s,
-            "rows": {
-                f"{s}/{d}": {m: v[m] for m in METRIC_NAMES}
-                for (s, d), v in rows_of(r / "eval").items()
-            },
-        }
-    summary["classifier"] = {f"{s}/{d}": v["auroc"] for (s, d), v in reference.items()}
+    timing = [
+        [name, f"{r['train_seconds'] / 60:.1f}", f"{r['score_seconds'] / 60:.1f}"]
+        for name, r in sorted(records.items())
+    ]
     lines += [
         "## Time",
         "",
         markdown_table(["run", "train (min)", "score val+test (min)"], timing),
         "",
     ]
+    summary = {
+        "epochs": epochs,
+        "runs": records,
+        "classifier": {f"{s}/{d}": v["auroc"] for (s, d), v in reference.items()},
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out.with_suffix(".md"), "\n".join(lines).encode())
     atomic_write_json(out.with_suffix(".json"), summary)
@@ -274,8 +297,11 @@ def main() -> None:
         a.device,
     )
     folders = [run for _, _, run in runs]
+    recorded = recorded_runs(Path(a.out), a.epochs)
     tables(folders, classifier, Path(a.out), a.epochs)
     for kind, seed, run in runs:
+        if run.name in recorded and not (run / "eval" / "metrics.json").exists():
+            continue  # recorded by an earlier invocation whose folder is gone
         train(run, kind, int(seed), a)
         source = run / "checkpoints" / "best" if kind == "ama" else run
         timed_evaluation(
