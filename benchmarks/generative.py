@@ -171,7 +171,8 @@ def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) ->
         for name, record in records.items()
     }
     reference = rows_of(classifier) if (classifier / "metrics.json").exists() else {}
-    sets = list(dict.fromkeys(d for rows in (*per_seed.values(), reference) for _, d in rows))
+    # In the evaluation's order (the recorded rows come back sorted by name).
+    sets = list(dict.fromkeys(d for rows in (reference, *per_seed.values()) for _, d in rows))
     recipe = "each kind's own recipe" if epochs is None else f"every kind cut to {epochs} epochs"
     finished = count(len(records), "run")
     lines = [f"# Generative detectors on fmnist, {recipe} ({finished} finished)", ""]
