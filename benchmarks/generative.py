@@ -150,9 +150,12 @@ def recorded_runs(out: Path, epochs: int | None) -> dict[str, dict]:
 
 
 def run_record(run: Path) -> dict:
-    """A finished run's times and test rows, as ``<out>.json`` keeps them."""
+    """A finished run's times, ID test accuracy (MOOD's fine-tuned classifier; None for the
+    detectors) and test rows, as ``<out>.json`` keeps them."""
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
     return {
         "train_seconds": train_seconds(run),
+        "id_test_accuracy": metrics.get("accuracy", {}).get("id_test"),
         "score_seconds": json.loads((run / "eval" / "timing.json").read_text())["seconds"],
         "rows": {
             f"{s}/{d}": {m: v[m] for m in METRIC_NAMES}
@@ -182,7 +185,13 @@ def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) ->
             seeds = [
                 rows for run, rows in per_seed.items() if re.fullmatch(rf"{kind}-seed\d+", run)
             ]
-            scorers = list(dict.fromkeys(s for rows in seeds for s, d in rows if d == name))
+            # In KIND_SCORES's order, then by name: the same order whether the rows come
+            # from this evaluation or from the record (which keeps them sorted by name).
+            listed = KIND_SCORES[kind].split(",")
+            scorers = sorted(
+                {s for rows in seeds for s, d in rows if d == name},
+                key=lambda s: (listed.index(s) if s in listed else len(listed), s),
+            )
             for s in scorers:
                 vals = {m: [100 * rows[(s, name)][m] for rows in seeds] for m in METRICS}
                 cells = [f"{np.mean(v):.2f} ± {np.std(v):.2f}" for v in vals.values()]
@@ -199,13 +208,20 @@ def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) ->
             "",
         ]
     timing = [
-        [name, f"{r['train_seconds'] / 60:.1f}", f"{r['score_seconds'] / 60:.1f}"]
+        [
+            name,
+            f"{r['train_seconds'] / 60:.1f}",
+            f"{r['score_seconds'] / 60:.1f}",
+            "-" if r.get("id_test_accuracy") is None else f"{100 * r['id_test_accuracy']:.2f}",
+        ]
         for name, r in sorted(records.items())
     ]
     lines += [
-        "## Time",
+        "## Time and ID accuracy",
         "",
-        markdown_table(["run", "train (min)", "score val+test (min)"], timing),
+        markdown_table(
+            ["run", "train (min)", "score val+test (min)", "ID test accuracy"], timing
+        ),
         "",
     ]
     summary = {
