@@ -219,9 +219,7 @@ def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) ->
     lines += [
         "## Time and ID accuracy",
         "",
-        markdown_table(
-            ["run", "train (min)", "score val+test (min)", "ID test accuracy"], timing
-        ),
+        markdown_table(["run", "train (min)", "score val+test (min)", "ID test accuracy"], timing),
         "",
     ]
     summary = {
