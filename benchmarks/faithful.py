@@ -23,7 +23,8 @@ the default pretraining recipe). An arm whose input another arm makes (seeds 1 a
 ``pretrain``) is skipped until then: the runner repeats its passes while any arm ran.
 - ``paper30``: CE, UM, UMAP with ``--recipe paper --epochs 30``, three seeds.
 - ``paper100``: CE, UM, UMAP with ``--recipe paper`` (100 epochs, lr 0.1 cosine), seed 0.
-- ``pretrain``: the default-recipe models of seeds 1 and 2.
+- ``pretrain``: the default-recipe models of seeds 1 and 2, kept in ``benchmarks/starts/``
+  when finished (commit them: the arms of those seeds start from them).
 - ``oe``: OE alone, OE + UM, OE + UMAP with ``--recipe paper-oe`` and the bundled outliers.
 - ``noise``: a model trained with 20 % symmetric label noise on a 20,000-image stratified
   subset (tracked every epoch), ``unleash atypical`` on it, then CE, UM, UMAP with the paper
@@ -49,7 +50,12 @@ from pathlib import Path
 
 from _common import METRICS, summarise
 
-from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json, load_checkpoint
+from unleash_ood.checkpoint import (
+    atomic_write_bytes,
+    atomic_write_json,
+    checkpoint_paths,
+    load_checkpoint,
+)
 from unleash_ood.data import load_benchmark
 from unleash_ood.demo import shipped_checkpoint
 from unleash_ood.evaluate import evaluate
@@ -79,6 +85,11 @@ SCORER_SET = (
 )
 PHASES = ("paper30", "paper100", "pretrain", "oe", "noise", "xi")
 SRC = Path(__file__).resolve().parent.parent / "src"
+# The pretrained models of seeds 1 and 2, kept beside this script (weights and sidecar, as
+# the shipped seed-0 model) once their runs finish: every arm of those seeds is paired against
+# them, so an arm trained later, or again, starts from the same model without an hour of
+# pretraining, even where the runs directory is gone.
+STARTS = Path(__file__).resolve().parent / "starts"
 
 
 @dataclass
@@ -92,25 +103,40 @@ class Arm:
     model: Path | None
     epochs: int | None = None  # for pretraining: done when the last checkpoint reaches it
     needs: list[Path] = field(default_factory=list)  # files that must exist first
+    trained: Path | None = None  # where the run leaves the model, when ``model`` keeps a copy
 
     def done(self) -> bool:
         if self.model is None:
             return (self.out / "done.json").exists()
-        sidecar = self.model.with_suffix(".json")
-        if not sidecar.exists():
-            return False
-        return self.epochs is None or json.loads(sidecar.read_text())["epoch"] >= self.epochs
+        return reached(self.model, self.epochs)
+
+    def keep(self) -> None:
+        """Copy the model the run left in ``trained`` to ``model`` once it reached its epochs
+        (the sidecar last: it marks the copy complete)."""
+        if self.trained is None or self.done() or not reached(self.trained, self.epochs):
+            return
+        (weights, sidecar), (kept_weights, kept_sidecar) = map(
+            checkpoint_paths, (self.trained, self.model)
+        )
+        kept_sidecar.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights, kept_weights)
+        shutil.copyfile(sidecar, kept_sidecar)
 
     def started(self) -> bool:
         return (self.out / "checkpoints" / "last.json").exists()
 
 
+def reached(model: Path, epochs: int | None) -> bool:
+    """Whether checkpoint ``model`` exists and has trained ``epochs`` epochs (any, for None)."""
+    sidecar = model.with_suffix(".json")
+    if not sidecar.exists():
+        return False
+    return epochs is None or json.loads(sidecar.read_text())["epoch"] >= epochs
+
+
 def start_model(runs: Path, seed: int) -> Path:
-    return (
-        shipped_checkpoint()
-        if seed == 0
-        else runs / "pretrain" / f"seed{seed}" / "checkpoints" / "last"
-    )
+    """The model the arms of ``seed`` start from: the shipped one, or the kept pretrain."""
+    return shipped_checkpoint() if seed == 0 else STARTS / f"fmnist_cnn_seed{seed}"
 
 
 def noisy_model(runs: Path, seed: int) -> Path:
@@ -183,8 +209,9 @@ def phase_arms(phase: str, runs: Path, record: dict | None = None) -> list[Arm]:
                     f"pretrain/seed{seed}",
                     out,
                     lambda a=args: a,
-                    out / "checkpoints" / "last",
+                    start_model(runs, seed),
                     epochs=60,
+                    trained=out / "checkpoints" / "last",
                 )
             )
         return arms
@@ -643,11 +670,13 @@ def main() -> None:
             print(f"phase {phase}", flush=True)
             record = read_record(out)
             for arm in phase_arms(phase, runs, record):
+                arm.keep()  # a run that finished before its copy was made
                 if arm.done() or arm.name.split("/")[1] not in seeds:
                     continue
                 if kept_as_recorded(arm, record, rerun):
                     print(f"  keep {arm.name}: recorded in {out.with_suffix('.json')}", flush=True)
                 elif run_arm(arm, args.resume, Path(args.src).resolve()):
+                    arm.keep()
                     progressed = True
                     write_tables(runs, out, bench)
     write_tables(runs, out, bench)
