@@ -468,10 +468,12 @@ def xi_selection(results: dict) -> dict:
     return chosen
 
 
-def noise_extras(runs: Path) -> list[list]:
-    """Per noisy run: the validation-selected epoch against the final one (Energy, mean OOD
-    test AUROC from track.csv), and how many top-ranked atypical samples are flipped ones."""
-    rows = []
+def noise_extras(runs: Path, recorded: dict[str, list]) -> dict[str, list]:
+    """Per noisy run (``{"seed0": row}``): the validation-selected epoch against the final
+    one (Energy, mean OOD test AUROC from track.csv), and how many top-ranked atypical samples
+    are flipped ones. The rows of ``recorded`` (the earlier tables') stand for runs whose
+    folders are gone."""
+    rows = dict(recorded)
     for seed in SEEDS:
         run = runs / "noise" / f"seed{seed}" / "pretrain"
         sel_file, track = run / "track_selection.json", run / "track.csv"
@@ -488,21 +490,18 @@ def noise_extras(runs: Path) -> list[list]:
         prec_file = runs / "noise" / f"seed{seed}" / "atypical" / "label_noise_precision.json"
         prec = json.loads(prec_file.read_text()) if prec_file.exists() else {}
         n = prec.get("n_flipped")
-        rows.append(
-            [
-                f"seed{seed}",
-                sel["selected_epoch"],
-                f"{auroc[sel['selected_epoch']]:.2f}",
-                sel["final_epoch"],
-                f"{auroc[sel['final_epoch']]:.2f}",
-                f"{best} ({auroc[best]:.2f})",
-                *(
-                    f"{prec[k]:.3f}" if k in prec else "-"
-                    for k in ("precision@100", "precision@1000", f"precision@{n}")
-                ),
-                f"{prec['chance']:.3f}" if prec else "-",
-            ]
-        )
+        rows[f"seed{seed}"] = [
+            sel["selected_epoch"],
+            f"{auroc[sel['selected_epoch']]:.2f}",
+            sel["final_epoch"],
+            f"{auroc[sel['final_epoch']]:.2f}",
+            f"{best} ({auroc[best]:.2f})",
+            *(
+                f"{prec[k]:.3f}" if k in prec else "-"
+                for k in ("precision@100", "precision@1000", f"precision@{n}")
+            ),
+            f"{prec['chance']:.3f}" if prec else "-",
+        ]
     return rows
 
 
@@ -522,10 +521,29 @@ def kept_as_recorded(arm: Arm, record: dict, rerun: set[str]) -> bool:
     return name in record.get(phase, {}).get(seed, {})
 
 
+def finished_times(runs: Path, results: dict, record: dict) -> dict[str, float | None]:
+    """Every finished arm's training seconds (None where unknown): the tables' arms from their
+    runs or the record, the others (pretraining, ``atypical``) from their runs or, when those
+    are gone, ``record["other_arms"]``, kept in ``results["other_arms"]``."""
+    times, others = {}, dict(record.get("other_arms", {}))
+    for arm in (a for p in PHASES for a in phase_arms(p, runs) if a.done()):
+        seconds, parts = seconds_of(arm.out), arm.name.split("/")
+        if len(parts) == 3 and parts[2] not in ("pretrain", "atypical"):
+            times[arm.name] = seconds
+        elif seconds is not None or arm.name not in others:
+            others[arm.name] = seconds
+    for name in results["recorded_only"]:
+        phase, seed, arm = name.split("/")
+        times[name] = results[phase][seed][arm].get("seconds")
+    results["other_arms"] = others
+    return {**times, **others}
+
+
 def write_tables(runs: Path, out: Path, bench) -> None:
-    results = gather(runs, bench)
-    results["recorded_only"] = carry_forward(results, read_record(out))
+    results, record = gather(runs, bench), read_record(out)
+    results["recorded_only"] = carry_forward(results, record)
     results["xi_selection"] = xi_selection(results)
+    results["noise_extras"] = noise_extras(runs, record.get("noise_extras", {}))
     lines = [
         "# Unleashing Mask with the paper's recipes on fmnist",
         "",
@@ -568,7 +586,9 @@ def write_tables(runs: Path, out: Path, bench) -> None:
                 "Tracking and `unleash atypical` on the noisy models (Energy, test sets "
                 "read only for this table, never for the selection):",
                 "",
-                markdown_table(head, noise_extras(runs)),
+                markdown_table(
+                    head, [[seed, *row] for seed, row in sorted(results["noise_extras"].items())]
+                ),
                 "",
             ]
     lines += [
@@ -608,16 +628,11 @@ def write_tables(runs: Path, out: Path, bench) -> None:
         else "(no seed has finished the grid yet)",
         "",
     ]
-    done = [a for p in PHASES for a in phase_arms(p, runs) if a.done()]
-    secs = [s for a in done if (s := seconds_of(a.out)) is not None]
-    kept = results["recorded_only"]
-    for name in kept:
-        phase, seed, arm = name.split("/")
-        if (s := results[phase][seed][arm].get("seconds")) is not None:
-            secs.append(s)
+    times, kept = finished_times(runs, results, record), results["recorded_only"]
     lines += [
-        f"{len(done) + len(kept)} of {sum(len(phase_arms(p, runs)) for p in PHASES)} arms "
-        f"finished; their training took {sum(secs) / 3600:.2f} h of wall time on 2 CPU cores.",
+        f"{len(times)} of {sum(len(phase_arms(p, runs)) for p in PHASES)} arms finished; their "
+        f"training took {sum(s for s in times.values() if s) / 3600:.2f} h of wall time on 2 "
+        "CPU cores.",
         *(
             [
                 f"Kept from the earlier tables, no finished run of them in the runs directory: "
