@@ -24,7 +24,8 @@ the default pretraining recipe). An arm whose input another arm makes (seeds 1 a
 - ``paper30``: CE, UM, UMAP with ``--recipe paper --epochs 30``, three seeds.
 - ``paper100``: CE, UM, UMAP with ``--recipe paper`` (100 epochs, lr 0.1 cosine), seed 0.
 - ``pretrain``: the default-recipe models of seeds 1 and 2, kept in ``benchmarks/starts/``
-  when finished (commit them: the arms of those seeds start from them).
+  when finished (commit them: the arms of those seeds start from them; so are the noisy
+  models of ``noise``).
 - ``oe``: OE alone, OE + UM, OE + UMAP with ``--recipe paper-oe`` and the bundled outliers.
 - ``noise``: a model trained with 20 % symmetric label noise on a 20,000-image stratified
   subset (tracked every epoch), ``unleash atypical`` on it, then CE, UM, UMAP with the paper
@@ -139,8 +140,10 @@ def start_model(runs: Path, seed: int) -> Path:
     return shipped_checkpoint() if seed == 0 else STARTS / f"fmnist_cnn_seed{seed}"
 
 
-def noisy_model(runs: Path, seed: int) -> Path:
-    return runs / "noise" / f"seed{seed}" / "pretrain" / "checkpoints" / "last"
+def noisy_model(seed: int) -> Path:
+    """The label-noise model the ``noise`` arms of ``seed`` start from, kept once trained (its
+    sidecar records the subset and the flips, so ``atypical`` and the fine-tunes need no more)."""
+    return STARTS / f"fmnist_cnn_noisy_seed{seed}"
 
 
 def finetune_arm(name: str, out: Path, start: Path, extra: list[str], seed: int) -> Arm:
@@ -240,21 +243,22 @@ def phase_arms(phase: str, runs: Path, record: dict | None = None) -> list[Arm]:
                     f"noise/seed{seed}/pretrain",
                     out / "pretrain",
                     lambda a=pre: a,
-                    noisy_model(runs, seed),
+                    noisy_model(seed),
                     epochs=60,
+                    trained=out / "pretrain" / "checkpoints" / "last",
                 )
             )
-            aty = ["atypical", "--from", str(noisy_model(runs, seed)), "--seed", str(seed)]
+            aty = ["atypical", "--from", str(noisy_model(seed)), "--seed", str(seed)]
             arms.append(
                 Arm(
                     f"noise/seed{seed}/atypical",
                     out / "atypical",
                     lambda a=aty: a,
                     None,
-                    needs=[noisy_model(runs, seed).with_suffix(".json")],
+                    needs=[noisy_model(seed).with_suffix(".json")],
                 )
             )
-            arms += method_arms("noise", runs, seed, noisy_model(runs, seed), ["--recipe", "paper"])
+            arms += method_arms("noise", runs, seed, noisy_model(seed), ["--recipe", "paper"])
         return arms
     if phase == "xi":
         return [xi_arm(runs, s, f, record or {}) for s in SEEDS for f in XI_FACTORS]
@@ -382,7 +386,7 @@ def gather(runs: Path, bench) -> dict:
     for phase in ("paper100", "paper30", "oe", "noise", "xi"):
         out[phase] = {}
         for seed in SEEDS:
-            noisy = noisy_model(runs, seed)
+            noisy = noisy_model(seed)
             if phase == "noise":
                 if not noisy.with_suffix(".json").exists():
                     continue
@@ -512,10 +516,15 @@ def read_record(out: Path) -> dict:
 
 
 def kept_as_recorded(arm: Arm, record: dict, rerun: set[str]) -> bool:
-    """True for an arm that ``record`` holds and that has not started in the runs directory,
-    unless its phase is in ``rerun``: the tables keep its record and it is not trained again."""
+    """True for an arm that ``record`` holds (a table row, or ``other_arms``: pretraining,
+    ``atypical``) and that has not started in the runs directory, unless its phase is in
+    ``rerun``: the tables keep its record and it is not trained again."""
     parts = arm.name.split("/")
-    if len(parts) != 3 or parts[0] in rerun or arm.started():
+    if parts[0] in rerun or arm.started():
+        return False
+    if arm.name in record.get("other_arms", {}):
+        return True
+    if len(parts) != 3:
         return False
     phase, seed, name = parts
     return name in record.get(phase, {}).get(seed, {})
