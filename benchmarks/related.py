@@ -48,6 +48,9 @@ SMOKE_POSTHOC = "msp,energy,maxlogit,knn"
 WILD_PI = "0.1"
 # In the tables' order.
 SYSTEMS = ("start", "ce", "woods", "scone", "watermark-msp", "watermark-energy")
+# What each trained system is paired against: the CE fine-tune of the same seed and recipe for
+# the wild-mix fine-tunes, the frozen starting model itself for the watermarks.
+CONTROL = {"woods": "ce", "scone": "ce", "watermark-msp": "start", "watermark-energy": "start"}
 
 
 def unleash(argv: list[str], log: Path) -> dict[str, float]:
@@ -220,7 +223,42 @@ def tables(results: dict[str, list[dict]]) -> str:
         ["system", "train s", "train peak MiB", "evaluate s", "evaluate peak MiB"], cost_rows
     )
     cost_title = "### Cost (wall time, peak resident memory of the process)"
-    return f"{metric_table}\n\n{cost_title}\n\n{cost_table}\n"
+    paired_title = (
+        "### Paired differences (system minus its control: the CE fine-tune of the same seed, "
+        "or the starting model for a watermark; mean ± std over the seeds both finished)"
+    )
+    return (
+        f"{metric_table}\n\n{paired_title}\n\n{paired(results)}\n\n{cost_title}\n\n{cost_table}\n"
+    )
+
+
+def paired(results: dict[str, list[dict]]) -> str:
+    """Each trained system's MSP and Energy figures minus its ``CONTROL``'s, seed by seed,
+    and on how many seeds its FPR95 (ID+) is the lower."""
+    rows = []
+    for name, runs in results.items():
+        control = {r["seed"]: r for r in results.get(CONTROL.get(name, ""), [])}
+        pairs = [(r, control.get(r["seed"]) or control.get(None)) for r in runs]
+        pairs = [(r, c) for r, c in pairs if c is not None]
+        if not pairs:
+            continue
+        seeds = ",".join(str(r["seed"]) for r, _ in pairs)
+        for label in ("msp", "energy"):
+            diffs = {m: [r[label][m] - c[label][m] for r, c in pairs] for m in ("acc", *METRICS)}
+            lower = sum(d < 0 for d in diffs["fpr95_id"])
+            rows.append(
+                [
+                    f"{name} - {CONTROL[name]}",
+                    label,
+                    seeds,
+                    *(mean_std(diffs[m]) for m in ("acc", *METRICS)),
+                    f"{lower}/{len(pairs)}",
+                ]
+            )
+    if not rows:
+        return "(no system has finished beside its control yet)"
+    head = ["difference", "scorer", "seeds", "ID acc", "AUROC", "FPR95 (ID+)", "FPR95 (OOD+)"]
+    return markdown_table([*head, "FPR95 (ID+) lower in"], rows)
 
 
 def smoke_start(args: argparse.Namespace) -> None:
