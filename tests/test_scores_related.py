@@ -244,6 +244,36 @@ def test_evaluator_refuses_mode_on_a_model_without_a_map(tiny_benchmark):
     assert {"msp", "knn", "forte"} <= names and not names & {"mode", "rankfeat", "gram"}
 
 
+def test_evaluator_checks_neighbour_counts_before_any_forward_pass(
+    tiny_benchmark, tiny_checkpoint, monkeypatch
+):
+    """A k above the ID training data is refused by name and left out of "all", all before
+    the first forward pass (fitting would only fail after them)."""
+    net = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
+    flat = HeadSplit(net, head="1", mean=(0.5,), std=(0.5,))
+    cnn, _ = load_checkpoint(tiny_checkpoint, "cpu")
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a forward pass ran before the scorers were checked")
+
+    monkeypatch.setattr(Evaluator, "_forward", no_forward)
+    kwargs = {"device": "cpu", "progress": False, "fit_samples": 40}
+    with pytest.raises(UserError, match=r"^knn: k=50 is larger than the 40 ID training samples"):
+        Evaluator(flat, tiny_benchmark, "msp,knn", **kwargs)
+    with pytest.raises(UserError, match=r"^nnguide: k=100 is larger than the 40 ID training"):
+        Evaluator(flat, tiny_benchmark, "nnguide", **kwargs)
+    with pytest.raises(UserError, match=r"^mode: k=241 is larger than the 240 ID training vectors"):
+        Evaluator(cnn, tiny_benchmark, [make_scorer("mode", k=241)], **kwargs)
+    with pytest.warns(UserWarning, match=r"leaves out knn \(k=50 is larger than the 40 ID "):
+        every = Evaluator(flat, tiny_benchmark, "all", **kwargs)
+    names = {s.name for s in every.scorers}
+    assert "msp" in names and not names & {"knn", "nnguide"}
+    fits = [make_scorer("knn", k=40), make_scorer("mode", k=240)]
+    assert len(Evaluator(cnn, tiny_benchmark, fits, **kwargs).scorers) == 2
+    with pytest.raises(UserError, match=r"^knn: k=1101 is larger than the 1100 ID training"):
+        Evaluator(flat, tiny_benchmark, [make_scorer("knn", k=1101)], device="cpu")
+
+
 # ---------------------------------------------------------------- Forte
 
 

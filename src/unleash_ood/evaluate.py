@@ -133,6 +133,25 @@ def applicable_scorers(model: Classifier, scorers: list[Scorer]) -> list[Scorer]
     return [s for s in scorers if not s.map_summaries]
 
 
+def fittable_scorers(scorers: list[Scorer], sizes: dict[str, int], every: bool) -> list[Scorer]:
+    """``scorers`` less those that cannot be fit on the ID data at hand (``sizes``: samples per
+    fit split; :meth:`~unleash_ood.scores.base.Scorer.fit_problem`), checked before any
+    forward pass: left out of "all" (``every``) with a warning that names them, refused when
+    asked for by name."""
+    problems = {
+        s.name: problem
+        for s in scorers
+        if s.requires_fit and (problem := s.fit_problem(sizes[s.fit_split])) is not None
+    }
+    if problems and not every:
+        name, problem = next(iter(problems.items()))
+        raise UserError(f"{name}: {problem}")
+    if problems:
+        reasons = ", ".join(f"{name} ({problem})" for name, problem in problems.items())
+        warnings.warn(f"scores 'all' leaves out {reasons}", stacklevel=3)
+    return [s for s in scorers if s.name not in problems]
+
+
 def check_feature_maps(model: Classifier, scorers: Sequence[Scorer]) -> None:
     """Refuse, before any work, scorers that read a feature map the model does not expose."""
     for scorer in scorers:
@@ -346,8 +365,9 @@ class Evaluator:
         self.autocast = autocast_dtype(autocast, self.device)
         self.model = prepare_model(model, self.device).eval()
         self.benchmark = benchmark
+        every = isinstance(scorers, str) and scorers.strip() == "all"
         self.scorers = as_scorers(scorers)
-        if isinstance(scorers, str) and scorers.strip() == "all":
+        if every:
             self.scorers = applicable_scorers(self.model, self.scorers)
         self.batch_size = batch_size
         self.cache = OutputCache(cache_dir, model, cache_fp16) if cache_dir else None
@@ -356,6 +376,8 @@ class Evaluator:
         self.workers, self.fit_samples, self.seed = workers, fit_samples, seed
         self._outputs: dict[str, Outputs] = {}
         check_feature_maps(self.model, self.scorers)
+        sizes = {"train": len(self.fit_set()), "val": len(benchmark.id_val)}
+        self.scorers = fittable_scorers(self.scorers, sizes, every)
 
     def _summaries(self) -> list[str]:
         """The feature-map summaries the current scorers read, in first-use order."""

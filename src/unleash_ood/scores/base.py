@@ -64,6 +64,18 @@ class Scorer:
         """The parameters and their current values."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
+    def fit_problem(self, n: int) -> str | None:
+        """Why this scorer cannot be fit on ``n`` samples of its fit split (a neighbour count
+        above the bank), or None: the evaluator asks before any forward pass, and ``fit``
+        refuses with it."""
+        return None
+
+    def check_fit_size(self, n: int) -> None:
+        """Refuse fitting on ``n`` samples with :meth:`fit_problem`'s reason."""
+        problem = self.fit_problem(n)
+        if problem is not None:
+            raise UserError(f"{self.name}: {problem}")
+
     def fit(self, train: Outputs, head: nn.Linear) -> Self:
         raise TypeError(f"{self.name} has nothing to fit; call score directly")
 

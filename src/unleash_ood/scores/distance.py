@@ -210,12 +210,13 @@ class KNN(Scorer):
     def __post_init__(self) -> None:
         check_range(self, "k", 1, integer=True, include_low=True)
 
+    def fit_problem(self, n: int) -> str | None:
+        if self.k > n:
+            return f"k={self.k} is larger than the {n} ID training samples; use a smaller k"
+        return None
+
     def fit(self, train: Outputs, head: nn.Linear) -> KNN:
-        if self.k > len(train):
-            raise UserError(
-                f"knn: k={self.k} is larger than the {len(train)} ID training samples; "
-                f"use a smaller k"
-            )
+        self.check_fit_size(len(train))
         self.bank_ = F.normalize(train.features.float(), dim=1)
         return self
 

@@ -13,12 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unleash_ood.errors import UserError
 from unleash_ood.outputs import Outputs
 from unleash_ood.scores.base import Scorer, check_range
 from unleash_ood.scores.distance import knn_distance
 from unleash_ood.scores.neighbours import bank_rows
 from unleash_ood.scores.stats import block_map
+
+# Vectors per image: the four quadrants, the whole map and its centre (``region_vectors``).
+SCALES = 6
 
 
 @dataclass
@@ -62,16 +64,17 @@ class MODE(Scorer):
         check_range(self, "k", 1, integer=True, include_low=True)
         check_range(self, "bank_fraction", 0, 1, include_high=True)
 
+    def fit_problem(self, n: int) -> str | None:
+        vectors = len(bank_rows(n, self.bank_fraction)) * SCALES
+        if self.k > vectors:
+            return f"k={self.k} is larger than the {vectors} ID training vectors; use a smaller k"
+        return None
+
     def fit(self, train: Outputs, head: nn.Linear) -> MODE:
         regions = train.summary("regions", self.name)
+        self.check_fit_size(len(regions))
         regions = regions[bank_rows(len(regions), self.bank_fraction)]
-        bank = regions.reshape(-1, regions.shape[-1])
-        if self.k > len(bank):
-            raise UserError(
-                f"mode: k={self.k} is larger than the {len(bank)} ID training vectors; "
-                f"use a smaller k"
-            )
-        self.bank_ = F.normalize(bank.float(), dim=1)
+        self.bank_ = F.normalize(regions.reshape(-1, regions.shape[-1]).float(), dim=1)
         return self
 
     def score(self, outputs: Outputs, head: nn.Linear) -> torch.Tensor:

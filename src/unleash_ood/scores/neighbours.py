@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from unleash_ood.errors import UserError
 from unleash_ood.outputs import Outputs
 from unleash_ood.scores.base import Scorer, check_range
 from unleash_ood.scores.softmax import energy
@@ -61,12 +60,14 @@ class NNGuide(Scorer):
         check_range(self, "k", 1, integer=True, include_low=True)
         check_range(self, "bank_fraction", 0, 1, include_high=True)
 
+    def fit_problem(self, n: int) -> str | None:
+        if self.k > n:
+            return f"k={self.k} is larger than the {n} ID training samples; use a smaller k"
+        return None
+
     def fit(self, train: Outputs, head: nn.Linear) -> NNGuide:
         n = len(train)
-        if self.k > n:
-            raise UserError(
-                f"nnguide: k={self.k} is larger than the {n} ID training samples; use a smaller k"
-            )
+        self.check_fit_size(n)
         rows = bank_rows(n, self.bank_fraction, self.k)
         confidence = energy(train.logits[rows]).float()
         self.bank_ = F.normalize(train.features[rows].float(), dim=1) * confidence[:, None]
