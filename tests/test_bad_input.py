@@ -142,6 +142,7 @@ CASES = [
     ("evaluate --checkpoint {ckpt} --cache {b_a_file} --out {out}", "--cache"),
     ("evaluate --checkpoint {ckpt} --scores energy:temperature=abc --out {out}", "temperature"),
     ("evaluate --checkpoint {ckpt} --scores knn:k=0 --out {out}", "k"),
+    ("evaluate --checkpoint {ckpt} --scores knn:k=99999 --out {out}", "knn: k=99999 is larger"),
     ("evaluate --checkpoint {ckpt} --scores energy:nope=1 --out {out}", "nope"),
     ("evaluate --checkpoint {ckpt} --device cuda --out {out}", "CUDA is not available"),
     ("evaluate --checkpoint {ckpt} --device tpu9 --out {out}", "unknown device"),
