@@ -210,19 +210,37 @@ def tables(results: dict[str, list[dict]]) -> str:
     for name, runs in results.items():
         train = [r["train_cost"] for r in runs if r["train_cost"]]
         ev = [r["eval_cost"] for r in runs]
+        ratios = [
+            r["train_cost"]["seconds"] / (c["train_cost"] or c["eval_cost"])["seconds"]
+            for r in runs
+            if r["train_cost"] and (c := control_run(results, name, r)) is not None
+        ]
         cost_rows.append(
             [
                 name,
                 mean_std([c["seconds"] for c in train]) if train else "-",
+                mean_std(ratios),
                 mean_std([c["peak_mib"] for c in train]) if train else "-",
                 mean_std([c["seconds"] for c in ev]),
                 mean_std([c["peak_mib"] for c in ev]),
             ]
         )
     cost_table = markdown_table(
-        ["system", "train s", "train peak MiB", "evaluate s", "evaluate peak MiB"], cost_rows
+        [
+            "system",
+            "train s",
+            "train s / control's",
+            "train peak MiB",
+            "evaluate s",
+            "evaluate peak MiB",
+        ],
+        cost_rows,
     )
-    cost_title = "### Cost (wall time, peak resident memory of the process)"
+    cost_title = (
+        "### Cost (wall time, peak resident memory of the process; a system's training time "
+        "against its control's of the same seed: the CE fine-tune's training, or the start's "
+        "evaluation for a watermark)"
+    )
     paired_title = (
         "### Paired differences (system minus its control: the CE fine-tune of the same seed, "
         "or the starting model for a watermark; mean ± std over the seeds both finished)"
@@ -232,14 +250,19 @@ def tables(results: dict[str, list[dict]]) -> str:
     )
 
 
+def control_run(results: dict[str, list[dict]], name: str, run: dict) -> dict | None:
+    """The run that ``run`` of system ``name`` is paired with: its ``CONTROL``'s run of the
+    same seed, or the control's one run (the start); None without one."""
+    control = {r["seed"]: r for r in results.get(CONTROL.get(name, ""), [])}
+    return control.get(run["seed"]) or control.get(None)
+
+
 def paired(results: dict[str, list[dict]]) -> str:
     """Each trained system's MSP and Energy figures minus its ``CONTROL``'s, seed by seed,
     and on how many seeds its FPR95 (ID+) is the lower."""
     rows = []
     for name, runs in results.items():
-        control = {r["seed"]: r for r in results.get(CONTROL.get(name, ""), [])}
-        pairs = [(r, control.get(r["seed"]) or control.get(None)) for r in runs]
-        pairs = [(r, c) for r, c in pairs if c is not None]
+        pairs = [(r, c) for r in runs if (c := control_run(results, name, r)) is not None]
         if not pairs:
             continue
         seeds = ",".join(str(r["seed"]) for r, _ in pairs)
