@@ -376,13 +376,15 @@ def comparison(phase: dict, scorer: str, arms: tuple[str, ...]) -> list[str]:
 
 
 def gather(runs: Path, bench) -> dict:
-    """``{phase: {seed: {arm: summary}}}`` of every finished arm, plus per-phase extras."""
-    out: dict = {"excluded_from_all": {}}
+    """``{phase: {seed: {arm: summary}}}`` of every finished arm (a seed's start model as
+    ``base`` where an arm of that seed finished), and ``starts``: every start model's summary."""
+    out: dict = {"excluded_from_all": {}, "starts": {}}
     bases = {}
     for seed in SEEDS:
         start = start_model(runs, seed)
         if start.with_suffix(".json").exists():
             bases[seed] = evaluation_of(start, runs / "base" / f"seed{seed}.json", bench)
+            out["starts"][f"seed{seed}"] = summary(bases[seed], below_chance(bases[seed]))
     for phase in ("paper100", "paper30", "oe", "noise", "xi"):
         out[phase] = {}
         for seed in SEEDS:
@@ -396,7 +398,6 @@ def gather(runs: Path, bench) -> dict:
             else:
                 continue
             exclude = below_chance(base)
-            out["excluded_from_all"][f"{phase}/seed{seed}"] = exclude
             row = {
                 "base": {
                     **summary(base, exclude),
@@ -416,7 +417,9 @@ def gather(runs: Path, bench) -> dict:
                         "seconds": seconds_of(arm.out),
                         "xi": xi_of(arm.out),
                     }
-            out[phase][f"seed{seed}"] = row
+            if len(row) > 1:  # the start alone is not a result of this phase
+                out[phase][f"seed{seed}"] = row
+                out["excluded_from_all"][f"{phase}/seed{seed}"] = exclude
     return out
 
 
@@ -548,6 +551,27 @@ def finished_times(runs: Path, results: dict, record: dict) -> dict[str, float |
     return {**times, **others}
 
 
+def starts_table(starts: dict[str, dict]) -> list[str]:
+    """The start model of every seed: what each seed's arms are paired from."""
+    rows = [
+        [
+            seed,
+            f"{summaries['energy']['acc']:.2f}",
+            *(f"{summaries[scorer][k]:.2f}" for scorer in SCORERS for k in ("auroc", "fpr95_id")),
+        ]
+        for seed, summaries in sorted(starts.items())
+    ]
+    head = ["seed", "ID acc"]
+    head += [f"{scorer} {k}" for scorer in SCORERS for k in ("AUROC", "FPR95 (ID+)")]
+    return [
+        "## 0. The start models (seed 0: the shipped model; seeds 1 and 2: `unleash pretrain "
+        "--seed S`, the same default recipe, kept in `benchmarks/starts/`)",
+        "",
+        markdown_table(head, rows) if rows else "(none yet)",
+        "",
+    ]
+
+
 def write_tables(runs: Path, out: Path, bench) -> None:
     results, record = gather(runs, bench), read_record(out)
     results["recorded_only"] = carry_forward(results, record)
@@ -561,6 +585,7 @@ def write_tables(runs: Path, out: Path, bench) -> None:
         "below chance on the start model (listed in the JSON). Paired differences are arm "
         "minus the CE control of the same seed, recipe and start.",
         "",
+        *starts_table(results["starts"]),
     ]
     titles = {
         "paper100": "1. The full paper recipe (100 epochs, lr 0.1 cosine), shipped model (seed 0)",
