@@ -94,6 +94,12 @@ class Scorer:
             )
 
 
+def neighbour_count_problem(k: int, n: int, what: str = "ID training samples") -> str | None:
+    """Why a search for the ``k``-th nearest of ``n`` ``what`` cannot run, or None
+    (:meth:`Scorer.fit_problem` of the neighbour scorers)."""
+    return f"k={k} is larger than the {n} {what}; use a smaller k" if k > n else None
+
+
 def require_labels(scorer: Scorer, train: Outputs) -> None:
     """Refuse training outputs without class labels, for scorers that need them."""
     if bool((train.labels < 0).any()):

@@ -11,7 +11,7 @@ from torch import nn
 
 from unleash_ood.errors import UserError
 from unleash_ood.outputs import Outputs
-from unleash_ood.scores.base import Scorer, check_range
+from unleash_ood.scores.base import Scorer, check_range, neighbour_count_problem
 from unleash_ood.scores.stats import (
     block_map,
     block_sum,
@@ -211,9 +211,7 @@ class KNN(Scorer):
         check_range(self, "k", 1, integer=True, include_low=True)
 
     def fit_problem(self, n: int) -> str | None:
-        if self.k > n:
-            return f"k={self.k} is larger than the {n} ID training samples; use a smaller k"
-        return None
+        return neighbour_count_problem(self.k, n)
 
     def fit(self, train: Outputs, head: nn.Linear) -> KNN:
         self.check_fit_size(len(train))

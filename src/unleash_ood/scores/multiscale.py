@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unleash_ood.outputs import Outputs
-from unleash_ood.scores.base import Scorer, check_range
+from unleash_ood.scores.base import Scorer, check_range, neighbour_count_problem
 from unleash_ood.scores.distance import knn_distance
 from unleash_ood.scores.neighbours import bank_rows
 from unleash_ood.scores.stats import block_map
@@ -66,9 +66,7 @@ class MODE(Scorer):
 
     def fit_problem(self, n: int) -> str | None:
         vectors = len(bank_rows(n, self.bank_fraction)) * SCALES
-        if self.k > vectors:
-            return f"k={self.k} is larger than the {vectors} ID training vectors; use a smaller k"
-        return None
+        return neighbour_count_problem(self.k, vectors, "ID training vectors")
 
     def fit(self, train: Outputs, head: nn.Linear) -> MODE:
         regions = train.summary("regions", self.name)

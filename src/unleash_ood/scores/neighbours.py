@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unleash_ood.outputs import Outputs
-from unleash_ood.scores.base import Scorer, check_range
+from unleash_ood.scores.base import Scorer, check_range, neighbour_count_problem
 from unleash_ood.scores.softmax import energy
 
 # Query-by-bank entries computed at once: 4 MB in float32, so that the element-wise passes
@@ -61,9 +61,7 @@ class NNGuide(Scorer):
         check_range(self, "bank_fraction", 0, 1, include_high=True)
 
     def fit_problem(self, n: int) -> str | None:
-        if self.k > n:
-            return f"k={self.k} is larger than the {n} ID training samples; use a smaller k"
-        return None
+        return neighbour_count_problem(self.k, n)
 
     def fit(self, train: Outputs, head: nn.Linear) -> NNGuide:
         n = len(train)
