@@ -218,6 +218,7 @@ CASES = [
     ("finetune --from {ckpt} --outliers oe --aux-ratio 0 --out {out}", "--aux-ratio"),
     ("finetune --from {ckpt} --outliers oe --aux {b_a_file} --out {out}", "unknown outlier file"),
     ("finetune --from {ckpt} --outliers woods --wild {b_empty_run} --out {out}", "neither image"),
+    ("finetune --from {ckpt} --outliers oe --aux / --out {out}", "filesystem root"),
     ("finetune --from {ckpt} --outliers scone --wild-margin nan --out {out}", "--wild-margin"),
     ("finetune --from {ckpt} --outliers oe --aux-size 0 --out {out}", "--aux-size"),
     ("finetune --from {ckpt} --outliers vos --out {out}", "--outliers"),

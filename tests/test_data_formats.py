@@ -329,6 +329,22 @@ def test_image_folder_recursive_sorted_mixed_formats(tmp_path: Path) -> None:
     np.testing.assert_array_equal(images[1].numpy(), first_png)  # a/ sorts before b/
 
 
+def test_symlinked_folders_are_walked_once(tmp_path: Path) -> None:
+    """A link back up the tree (a cycle) and a second link to one folder add no image twice;
+    os.walk alone followed the cycle until the path grew too long, counting each image ~40
+    times."""
+    folder = tmp_path / "pics"
+    write_pictures(folder / "a", 2, seed=0, size=(8, 8))
+    (folder / "a" / "up").symlink_to("..", target_is_directory=True)
+    (folder / "again").symlink_to("a", target_is_directory=True)
+    assert [p.name for p in formats.list_images(folder)] == ["img000.png", "img001.png"]
+
+
+def test_filesystem_root_is_not_an_image_folder() -> None:
+    with pytest.raises(UserError, match="filesystem root; name the folder"):
+        next(formats.iter_images(Path("/")))
+
+
 def test_image_folder_keeps_aspect_and_crops_the_centre(tmp_path: Path) -> None:
     pixels = np.zeros((32, 48, 3), dtype=np.uint8)
     pixels[:, :8] = (255, 0, 0)

@@ -305,10 +305,22 @@ CACHE_VERSION = "v1"  # bump when decoding changes, so stale caches are not reus
 def iter_images(folder: Path) -> Iterator[Path]:
     """Image files under ``folder`` (recursive, symlinks followed) in the order found.
 
-    Hidden files are skipped: archives packed on macOS carry ``._name.jpg`` resource forks
-    that look like images but are not.
+    Each real folder is walked once: a symlink back to a folder already walked (a cycle, or
+    two links to one folder) is not entered again, so no image is counted twice. The
+    filesystem root is refused, as a folder given by mistake. Hidden files are skipped:
+    archives packed on macOS carry ``._name.jpg`` resource forks that look like images but
+    are not.
     """
-    for dirpath, _, names in os.walk(folder, followlinks=True):
+    resolved = folder.resolve()
+    if resolved == Path(resolved.anchor):
+        raise UserError(f"{folder}: is the filesystem root; name the folder that holds the images")
+    walked: set[tuple[int, int]] = set()
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in walked:
+            dirnames.clear()
+            continue
+        walked.add((st.st_dev, st.st_ino))
         for name in names:
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 yield Path(dirpath, name)
