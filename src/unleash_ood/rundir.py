@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -44,8 +45,18 @@ def check_writable(out: Path, name: str = "--out") -> None:
     parent = out
     while not parent.exists():
         parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write into {parent}; choose an --out folder you can write to")
+    if not parent.is_dir() or not can_make_folder_in(parent):
+        raise UserError(f"cannot write into {parent}; choose a {name} folder you can write to")
+
+
+def can_make_folder_in(folder: Path) -> bool:
+    """Whether a folder can be made in ``folder``, found by making (and removing) one:
+    ``os.access`` says yes to root on read-only and virtual filesystems such as ``/proc``."""
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".unleash-probe-", dir=folder))
+    except OSError:
+        return False
+    return True
 
 
 LOCK_FILE = ".lock"

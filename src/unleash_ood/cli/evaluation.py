@@ -17,7 +17,7 @@ from unleash_ood.cli.args import (
     run_config,
 )
 from unleash_ood.errors import UserError
-from unleash_ood.rundir import append_log, check_out
+from unleash_ood.rundir import append_log, check_out, check_writable
 
 # Each handler imports what it needs (PyTorch included) when it runs, so that the parser, and
 # with it ``unleash --help``, loads nothing heavy.
@@ -58,10 +58,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
     out = Path(args.out)
     check_out(out)
-    if args.cache and Path(args.cache).exists() and not Path(args.cache).is_dir():
-        raise UserError(f"--cache {args.cache} is a file; give a folder for the cached outputs")
+    if args.cache:
+        check_writable(Path(args.cache), "--cache")
     check_own_model_args(args, "checkpoint")
-    parse_scorer_list(args.scores)  # fail on a bad name before any heavy work
+    scored = {s.name for s in parse_scorer_list(args.scores)}  # fail before any heavy work
     if args.grid and not args.tune:
         raise UserError("--grid sets the search of --tune; add --tune")
     if args.cache_fp16 and not args.cache:
@@ -69,6 +69,11 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     grids = parse_grids(args.grid) if args.grid else None
     for name, grid in (grids or {}).items():
         check_grid(name, grid)
+        if name not in scored:
+            raise UserError(
+                f"--grid searches {name}, which --scores does not list; add it to --scores "
+                "or drop its grid"
+            )
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     ctx, device = init_distributed(resolve_device(args.device))
     autocast_dtype(args.autocast, device)
