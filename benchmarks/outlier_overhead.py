@@ -46,7 +46,7 @@ def main() -> None:
         return prepare_model(benchmark_model(bench, args.checkpoint), cpu)
 
     def objective(method: str, model):
-        spec = OutlierSpec(method=method, doe_warmup=0.0)
+        spec = OutlierSpec(method=method, **({"doe_warmup": 0.0} if method == "doe" else {}))
         obj = OutlierObjective(spec, aux, None, args.batch_size, 1, "flip", 0, bench.id_train)
         obj.start_epoch(0, model)  # POEM selects here: timed separately below
         return obj

@@ -225,6 +225,8 @@ CASES = [
     ("finetune --from {ckpt} --outliers oe --aux-size 0 --out {out}", "--aux-size"),
     ("finetune --from {ckpt} --outliers vos --out {out}", "--outliers"),
     ("finetune --from {ckpt} --outliers oe --poem-keep 0 --out {out}", "--poem-keep"),
+    ("finetune --from {ckpt} --outliers oe --m-out -5 --out {out}", "belongs to --outliers"),
+    ("finetune --from {ckpt} --outliers energy --doe-warmup 0.2 --out {out}", "--doe-warmup"),
     ("finetune --from {ckpt} --resume --out {b_no_xi}", "no xi.json"),
     ("finetune --from {ckpt} --resume --out {out}", "drop --resume"),
     ("finetune --from {b_list} --out {out}", "not a checkpoint sidecar"),

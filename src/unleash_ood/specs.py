@@ -8,7 +8,7 @@ The command line builds its parser from these defaults without importing PyTorch
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +189,14 @@ DEFAULT_WEIGHT = {"oe": 0.5, "energy": 0.1, "poem": 0.1, "doe": 1.0, "woods": 1.
 WILD_METHODS = ("woods", "scone")
 WILD_MARGIN = {"woods": 0.0, "scone": -10.0}
 WILD_SHIFT = {"woods": 0.0, "scone": 0.5}
+# Settings only some outlier methods read (the wild mix's are checked with the mix): set for
+# another method they would change nothing, so they are refused.
+METHOD_SETTINGS = {
+    "m_in": ("energy", "poem"),
+    "m_out": ("energy", "poem"),
+    "poem_keep": ("poem",),
+    "doe_warmup": ("doe",),
+}
 
 
 @dataclass
@@ -233,6 +241,13 @@ class OutlierSpec:
         _finite("--m-out", self.m_out, -math.inf)
         if not 0 < self.poem_keep <= 1 or not 0 <= self.doe_warmup < 1:
             raise UserError("--poem-keep must be in (0, 1] and --doe-warmup in [0, 1)")
+        defaults = {f.name: f.default for f in fields(self)}
+        for name, methods in METHOD_SETTINGS.items():
+            if self.method not in methods and getattr(self, name) != defaults[name]:
+                raise UserError(
+                    f"--{name.replace('_', '-')} belongs to --outliers {' or '.join(methods)}, "
+                    f"not {self.method}"
+                )
 
     def check(self) -> None:
         """Kept for callers of the earlier API: a spec is validated when it is made."""
