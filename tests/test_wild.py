@@ -135,7 +135,7 @@ def test_wild_flags_are_checked() -> None:
         OutlierSpec(method="woods", wild_pi=1.5)
     with pytest.raises(UserError, match="--wild-shift"):
         OutlierSpec(method="scone", wild_pi=0.6)  # 0.6 + scone's 0.5 > 1
-    with pytest.raises(UserError, match="belong to"):
+    with pytest.raises(UserError, match="--wild belongs to --outliers woods or scone, not oe"):
         OutlierSpec(method="oe", wild="bundled")
     spec = OutlierSpec(method="scone")
     assert (spec.wild, spec.margin, spec.shift) == ("bundled", -10.0, 0.5)
@@ -173,7 +173,7 @@ def test_bad_wild_flags_are_one_line_errors(capsys, fmnist_dir, tiny_checkpoint,
         (["--outliers", "woods", "--wild-pi", "1.5"], "--wild-pi must be in (0, 1]"),
         (["--wild", "bundled"], "need --outliers woods or scone"),
         (["--wild-pi", "0.3"], "need --outliers woods or scone"),
-        (["--outliers", "oe", "--wild", "bundled"], "belong to --outliers woods or scone"),
+        (["--outliers", "oe", "--wild", "bundled"], "belongs to --outliers woods or scone"),
         (["--outliers", "woods", "--wild", str(tmp_path / "no.npy")], "no such file"),
     ]
     for i, (extra, message) in enumerate(cases):

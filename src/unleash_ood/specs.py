@@ -189,13 +189,14 @@ DEFAULT_WEIGHT = {"oe": 0.5, "energy": 0.1, "poem": 0.1, "doe": 1.0, "woods": 1.
 WILD_METHODS = ("woods", "scone")
 WILD_MARGIN = {"woods": 0.0, "scone": -10.0}
 WILD_SHIFT = {"woods": 0.0, "scone": 0.5}
-# Settings only some outlier methods read (the wild mix's are checked with the mix): set for
-# another method they would change nothing, so they are refused.
+# Settings only some outlier methods read: set for another method they would change nothing,
+# so they are refused.
 METHOD_SETTINGS = {
     "m_in": ("energy", "poem"),
     "m_out": ("energy", "poem"),
     "poem_keep": ("poem",),
     "doe_warmup": ("doe",),
+    **dict.fromkeys(("wild", "wild_pi", "wild_margin", "wild_shift"), WILD_METHODS),
 }
 
 
@@ -222,11 +223,12 @@ class OutlierSpec:
     wild_shift: float | None = None  # None: the method's default (WILD_SHIFT)
 
     def __post_init__(self) -> None:
-        self._check_wild()
         if self.method not in OUTLIER_METHODS:
             raise UserError(
                 f"unknown outlier method {self.method!r}; choose {', '.join(OUTLIER_METHODS)}"
             )
+        self._check_unread()
+        self._check_wild()
         if self.aux != "bundled" and not Path(self.aux).expanduser().exists():
             raise UserError(
                 f"auxiliary outliers {self.aux!r}: no such file or folder; pass --aux bundled, "
@@ -241,6 +243,14 @@ class OutlierSpec:
         _finite("--m-out", self.m_out, -math.inf)
         if not 0 < self.poem_keep <= 1 or not 0 <= self.doe_warmup < 1:
             raise UserError("--poem-keep must be in (0, 1] and --doe-warmup in [0, 1)")
+
+    def check(self) -> None:
+        """Kept for callers of the earlier API: a spec is validated when it is made."""
+        self.__post_init__()
+
+    def _check_unread(self) -> None:
+        """Refuse a setting away from its default that ``method`` never reads
+        (:data:`METHOD_SETTINGS`)."""
         defaults = {f.name: f.default for f in fields(self)}
         for name, methods in METHOD_SETTINGS.items():
             if self.method not in methods and getattr(self, name) != defaults[name]:
@@ -249,18 +259,8 @@ class OutlierSpec:
                     f"not {self.method}"
                 )
 
-    def check(self) -> None:
-        """Kept for callers of the earlier API: a spec is validated when it is made."""
-        self.__post_init__()
-
     def _check_wild(self) -> None:
-        wild_flags = (self.wild, self.wild_margin, self.wild_shift)
         if self.method not in WILD_METHODS:
-            if any(v is not None for v in wild_flags) or self.wild_pi != 0.1:
-                raise UserError(
-                    "--wild, --wild-pi, --wild-margin and --wild-shift belong to "
-                    "--outliers woods or scone"
-                )
             return
         if self.wild is None:
             self.wild = "bundled"
