@@ -52,6 +52,7 @@ from unleash_ood.generative import create_detector
 from unleash_ood.generative.trainer import DetectorTrainer, detector_recipe
 from unleash_ood.metrics import METRIC_NAMES
 from unleash_ood.report import markdown_table
+from unleash_ood.train import resume_point
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 METRICS = ("auroc", "fpr95_id", "fpr95_ood")
@@ -111,7 +112,8 @@ def train_seconds(run: Path) -> float:
 
 
 def train(run: Path, kind: str, seed: int, a: argparse.Namespace) -> None:
-    """Train ``run`` unless it has finished (``trained.json``); continue it if started."""
+    """Train ``run`` unless it has finished (``trained.json``); continue it from its newest
+    saved epoch, or start it afresh when it was stopped before its first save."""
     done = run / "trained.json"
     if done.exists():
         epochs = json.loads(done.read_text())["epochs"]
@@ -120,7 +122,7 @@ def train(run: Path, kind: str, seed: int, a: argparse.Namespace) -> None:
                 f"{run} was trained with --epochs {epochs}, not {a.epochs}; give another --runs-dir"
             )
         return
-    resume = ["--resume"] if (run / "config.json").exists() else []
+    resume = ["--resume"] if resume_point(run) is not None else []
     unleash(*train_args(run, kind, seed, a), *resume)
     atomic_write_json(run / "trained.json", {"epochs": a.epochs})
 
