@@ -475,6 +475,13 @@ def xi_selection(results: dict) -> dict:
     return chosen
 
 
+def xi_against_ce(results: dict, seed: str, chosen: dict) -> dict:
+    """One seed's row for ``comparison``: its 30-epoch CE control, the UM arm at the estimated
+    xi (``x1``) and the arm the validation rule chose."""
+    paper30 = results["paper30"][seed]
+    return {"ce": paper30["ce"], "x1": paper30["um"], "chosen": chosen}
+
+
 def noise_extras(runs: Path, recorded: dict[str, list]) -> dict[str, list]:
     """Per noisy run (``{"seed0": row}``): the validation-selected epoch against the final
     one (Energy, mean OOD test AUROC from track.csv), and how many top-ranked atypical samples
@@ -629,7 +636,7 @@ def write_tables(runs: Path, out: Path, bench) -> None:
         "## 3. xi chosen on the OOD validation sets (0.5x, 1x, 2x the estimate, 30 epochs)",
         "",
     ]
-    sel = results["xi_selection"]
+    sel = dict(sorted(results["xi_selection"].items()))
     rows = [
         [
             seed,
@@ -662,6 +669,15 @@ def write_tables(runs: Path, out: Path, bench) -> None:
         else "(no seed has finished the grid yet)",
         "",
     ]
+    if sel:
+        lines += [
+            "The chosen arm and the estimate itself (`x1`, the 30-epoch UM arm) against the "
+            "30-epoch CE control of the same seed:",
+            "",
+        ]
+        paired = {seed: xi_against_ce(results, seed, v["summary"]) for seed, v in sel.items()}
+        for scorer in SCORERS:
+            lines += comparison(paired, scorer, ("ce", "x1", "chosen"))
     times, kept = finished_times(runs, results, record), results["recorded_only"]
     lines += [
         f"{len(times)} of {sum(len(phase_arms(p, runs)) for p in PHASES)} arms finished; their "
