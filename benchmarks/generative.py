@@ -1,7 +1,8 @@
 """Generative OOD detectors on fmnist over three seeds, beside the shipped classifier's scores.
 
     python benchmarks/generative.py [--kinds vae,vae-plain,ama,diffusion,mim] [--seeds 0,1,2]
-        [--epochs N] [--width 32] [--device auto] [--runs-dir runs/generative]
+        [--epochs N] [--width 32] [--model-arg KEY=VALUE] [--device auto]
+        [--runs-dir runs/generative]
         [--out benchmarks/results/generative]
     python benchmarks/generative.py --measure-steps 5     # time a few steps of each kind, then stop
     python benchmarks/generative.py --kinds vae-plain --scores elbo,score_test   # fewer scores
@@ -9,7 +10,8 @@
 Each detector kind and seed is one ``unleash detector train --kind KIND`` run with the kind's
 default recipe (the authors': VAE 200 epochs, AMA 100, the diffusion model 100, MOOD's
 masked-image stage 100 then its fine-tuning; ``--epochs`` shortens every kind and MOOD's
-fine-tuning, ``--width`` sets the VAE's) and one ``unleash detector evaluate --splits val,test``
+fine-tuning, ``--width`` sets the VAE's, ``--model-arg`` any model option of the one kind
+in ``--kinds``, named in its table rows) and one ``unleash detector evaluate --splits val,test``
 of it (AMA with the critic of the authors' OOD command, from ``checkpoints/best``, the epoch it
 selects on the OOD validation sets; MOOD
 with the classifier scores in ``KIND_SCORES``), each a child process, so the study runs
@@ -44,10 +46,11 @@ import numpy as np
 import torch
 
 from unleash_ood.checkpoint import atomic_write_bytes, atomic_write_json
-from unleash_ood.cli.args import count
+from unleash_ood.cli.args import count, model_kwargs
 from unleash_ood.data import Benchmark, load_benchmark
 from unleash_ood.demo import shipped_checkpoint
 from unleash_ood.device import resolve_device, to_device
+from unleash_ood.errors import UserError
 from unleash_ood.generative import create_detector
 from unleash_ood.generative.trainer import DetectorTrainer, detector_recipe
 from unleash_ood.metrics import METRIC_NAMES
@@ -88,7 +91,7 @@ def detector_options(kind: str, a: argparse.Namespace) -> tuple[str, dict]:
     detector, options = DETECTOR.get(kind, (kind, {}))
     if detector == "vae" and a.width is not None:
         options = {**options, "width": a.width}
-    return detector, options
+    return detector, {**options, **model_kwargs(a.model_arg)}
 
 
 def train_args(run: Path, kind: str, seed: int, a: argparse.Namespace) -> list[str]:
@@ -115,16 +118,17 @@ def train(run: Path, kind: str, seed: int, a: argparse.Namespace) -> None:
     """Train ``run`` unless it has finished (``trained.json``); continue it from its newest
     saved epoch, or start it afresh when it was stopped before its first save."""
     done = run / "trained.json"
+    wanted = {"epochs": a.epochs, "model_args": model_kwargs(a.model_arg)}
     if done.exists():
-        epochs = json.loads(done.read_text())["epochs"]
-        if epochs != a.epochs:
+        trained = {"model_args": {}, **json.loads(done.read_text())}
+        if trained != wanted:
             raise SystemExit(
-                f"{run} was trained with --epochs {epochs}, not {a.epochs}; give another --runs-dir"
+                f"{run} was trained with {trained}, not {wanted}; give another --runs-dir"
             )
         return
     resume = ["--resume"] if resume_point(run) is not None else []
     unleash(*train_args(run, kind, seed, a), *resume)
-    atomic_write_json(run / "trained.json", {"epochs": a.epochs})
+    atomic_write_json(done, wanted)
 
 
 def timed_evaluation(out: Path, *args: str) -> None:
@@ -155,7 +159,11 @@ def run_record(run: Path) -> dict:
     """A finished run's times, ID test accuracy (MOOD's fine-tuned classifier; None for the
     detectors) and test rows, as ``<out>.json`` keeps them."""
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    trained = run / "trained.json"
     return {
+        "model_args": json.loads(trained.read_text()).get("model_args", {})
+        if trained.exists()
+        else {},
         "train_seconds": train_seconds(run),
         "id_test_accuracy": metrics.get("accuracy", {}).get("id_test"),
         "score_seconds": json.loads((run / "eval" / "timing.json").read_text())["seconds"],
@@ -164,6 +172,17 @@ def run_record(run: Path) -> dict:
             for (s, d), v in rows_of(run / "eval").items()
         },
     }
+
+
+def options_label(model_args: list[dict]) -> str:
+    """``--model-arg`` options of a kind's runs as its table rows name them: "" for none,
+    "; gen_width=32" for one set, every distinct set joined by " / " if seeds differ."""
+    distinct = dict.fromkeys(
+        ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(args.items()))
+        for args in model_args
+        if args
+    )
+    return f"; {' / '.join(distinct)}" if distinct else ""
 
 
 def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) -> None:
@@ -184,9 +203,9 @@ def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) ->
     for name in sets:
         table = []
         for kind in KINDS:
-            seeds = [
-                rows for run, rows in per_seed.items() if re.fullmatch(rf"{kind}-seed\d+", run)
-            ]
+            runs_of_kind = [run for run in per_seed if re.fullmatch(rf"{kind}-seed\d+", run)]
+            seeds = [per_seed[run] for run in runs_of_kind]
+            options = options_label([records[run].get("model_args", {}) for run in runs_of_kind])
             # In KIND_SCORES's order, then by name: the same order whether the rows come
             # from this evaluation or from the record (which keeps them sorted by name).
             listed = KIND_SCORES[kind].split(",")
@@ -197,7 +216,7 @@ def tables(runs: list[Path], classifier: Path, out: Path, epochs: int | None) ->
             for s in scorers:
                 vals = {m: [100 * rows[(s, name)][m] for rows in seeds] for m in METRICS}
                 cells = [f"{np.mean(v):.2f} ± {np.std(v):.2f}" for v in vals.values()]
-                table.append([f"{kind} {s} ({count(len(seeds), 'seed')})", *cells])
+                table.append([f"{kind} {s} ({count(len(seeds), 'seed')}{options})", *cells])
         for s in CLASSIFIER_SCORES:
             if (s, name) in reference:
                 table.append(
@@ -276,6 +295,13 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=None, help="every kind's (default: its own)")
     p.add_argument("--width", type=int, default=None, help="VAE width (default the authors' 32)")
+    p.add_argument(
+        "--model-arg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model option of the one kind of --kinds, over its own (e.g. critic_width=32)",
+    )
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default="benchmarks/results/generative")
     p.add_argument(
@@ -293,6 +319,12 @@ def main() -> None:
         p.error(f"unknown kinds {', '.join(unknown)}; choose from {', '.join(KINDS)}")
     if a.scores and len(kinds) != 1:
         p.error("--scores replaces one kind's scores: give one kind in --kinds")
+    if a.model_arg and len(kinds) != 1:
+        p.error("--model-arg sets one kind's options: give one kind in --kinds")
+    try:
+        model_kwargs(a.model_arg)
+    except UserError as e:
+        p.error(str(e))
     if a.measure_steps:
         bench = load_benchmark("fmnist")
         for kind in kinds:
@@ -317,8 +349,9 @@ def main() -> None:
     recorded = recorded_runs(Path(a.out), a.epochs)
     tables(folders, classifier, Path(a.out), a.epochs)
     for kind, seed, run in runs:
-        if run.name in recorded and not (run / "eval" / "metrics.json").exists():
-            continue  # recorded by an earlier invocation whose folder is gone
+        kept = recorded.get(run.name, {}).get("model_args", {}) == model_kwargs(a.model_arg)
+        if run.name in recorded and kept and not (run / "eval" / "metrics.json").exists():
+            continue  # recorded, with these options, by an earlier invocation; folder gone
         train(run, kind, int(seed), a)
         source = run / "checkpoints" / "best" if kind == "ama" else run
         timed_evaluation(
