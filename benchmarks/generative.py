@@ -91,7 +91,7 @@ def detector_options(kind: str, a: argparse.Namespace) -> tuple[str, dict]:
     detector, options = DETECTOR.get(kind, (kind, {}))
     if detector == "vae" and a.width is not None:
         options = {**options, "width": a.width}
-    return detector, {**options, **model_kwargs(a.model_arg)}
+    return detector, {**options, **a.model_options}
 
 
 def train_args(run: Path, kind: str, seed: int, a: argparse.Namespace) -> list[str]:
@@ -118,7 +118,7 @@ def train(run: Path, kind: str, seed: int, a: argparse.Namespace) -> None:
     """Train ``run`` unless it has finished (``trained.json``); continue it from its newest
     saved epoch, or start it afresh when it was stopped before its first save."""
     done = run / "trained.json"
-    wanted = {"epochs": a.epochs, "model_args": model_kwargs(a.model_arg)}
+    wanted = {"epochs": a.epochs, "model_args": a.model_options}
     if done.exists():
         trained = {"model_args": {}, **json.loads(done.read_text())}
         if trained != wanted:
@@ -322,7 +322,7 @@ def main() -> None:
     if a.model_arg and len(kinds) != 1:
         p.error("--model-arg sets one kind's options: give one kind in --kinds")
     try:
-        model_kwargs(a.model_arg)
+        a.model_options = model_kwargs(a.model_arg)
     except UserError as e:
         p.error(str(e))
     if a.measure_steps:
@@ -349,7 +349,7 @@ def main() -> None:
     recorded = recorded_runs(Path(a.out), a.epochs)
     tables(folders, classifier, Path(a.out), a.epochs)
     for kind, seed, run in runs:
-        kept = recorded.get(run.name, {}).get("model_args", {}) == model_kwargs(a.model_arg)
+        kept = recorded.get(run.name, {}).get("model_args", {}) == a.model_options
         if run.name in recorded and kept and not (run / "eval" / "metrics.json").exists():
             continue  # recorded, with these options, by an earlier invocation; folder gone
         train(run, kind, int(seed), a)
